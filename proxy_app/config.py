@@ -1,0 +1,139 @@
+"""Gateway configuration: a YAML file validated by pydantic before anything starts."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+QuotaPeriod = Literal["total", "monthly", "daily"]
+
+
+class _Strict(BaseModel):
+    # A misspelt option must stop the start, not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RateLimit(_Strict):
+    """Limits for the whole gateway; null means unlimited."""
+
+    qps: PositiveInt | None = None
+    concurrent: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+
+
+class KeyDefaults(_Strict):
+    """Limits every key gets unless its entry in the keys file sets its own."""
+
+    qps: PositiveInt | None = None
+    concurrent: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    quota_period: QuotaPeriod = "total"
+
+
+class Timeouts(_Strict):
+    """Timeouts towards vLLM, in seconds."""
+
+    connect: Seconds = 5.0
+    # Until the response headers. vLLM sends them only when a non-streamed completion is
+    # finished, so this bounds a whole non-streamed generation (plus its queueing).
+    first_byte: Seconds = 300.0
+    # Longest silence between two chunks of a response that has started.
+    read: Seconds = 60.0
+    # Whole request, streamed or not.
+    total: Seconds = 900.0
+
+
+class Config(_Strict):
+    """The gateway's configuration file."""
+
+    vllm_host: str = "127.0.0.1"
+    vllm_port: Port = 8000
+    # Sent to vLLM as a bearer token when vLLM runs with --api-key (defence in depth).
+    vllm_api_key: str | None = None
+    fastapi_host: str = "127.0.0.1"
+    fastapi_port: Port = 8080
+    api_keys_file: Path
+    rate_limit: RateLimit = RateLimit()
+    key_defaults: KeyDefaults = KeyDefaults()
+    state_dir: Path = Path("/var/lib/llm-proxy")
+    # When set, limits and usage live in Redis so that several gateways share them.
+    redis_url: str | None = None
+    redis_prefix: str = "llmhost:"
+    timeouts: Timeouts = Timeouts()
+    max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    # X-Forwarded-For is believed only from these peers (nginx on the same host by default).
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=lambda: [
+            ipaddress.ip_network("127.0.0.1/32"),
+            ipaddress.ip_network("::1/128"),
+        ]
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: Path | None = None
+    # How often the key file's mtime/inode is checked for changes, and vLLM probed for /ready
+    # and the upstream_up gauge.
+    keys_poll_interval: Seconds = 2.0
+    upstream_probe_interval: Seconds = 10.0
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the field."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the field by its dotted path."""
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the YAML config; raises ConfigError with a readable message."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of options")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from e
+    # A relative keys file or state dir is taken relative to the config file, so a config
+    # can travel with its files.
+    base = path.parent
+    updates: dict[str, Path] = {}
+    if not config.api_keys_file.is_absolute():
+        updates["api_keys_file"] = base / config.api_keys_file
+    if not config.state_dir.is_absolute():
+        updates["state_dir"] = base / config.state_dir
+    if config.log_file is not None and not config.log_file.is_absolute():
+        updates["log_file"] = base / config.log_file
+    return config.model_copy(update=updates) if updates else config

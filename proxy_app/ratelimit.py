@@ -1,0 +1,283 @@
+"""Request, token and concurrency limits, global and per key, in memory or in Redis.
+
+Why the `limits` library and not slowapi (whose engine it is): slowapi decides once, when a
+route is entered, through a decorator; a streamed completion outlives that decision, its
+tokens are known only at its end, and a concurrency slot must be held until the last chunk.
+Driving `limits` directly lets the gateway (1) take the request-rate decision exactly with the
+moving-window strategy (no burst of 2x at window edges, as fixed windows allow), (2) charge the
+real token count after the response, streamed or not, and (3) stay non-blocking: its asyncio
+API talks to Redis without blocking the event loop, where slowapi calls the synchronous
+storage from async handlers.
+
+Tokens per minute use the fixed-window strategy: it records every token a response used,
+even when one response overshoots the limit (the moving and sliding strategies refuse a hit
+that would exceed and so would forget tokens already spent), and it gives a well defined
+reset time for ``x-ratelimit-reset-tokens``. A request is admitted while the window is not
+exhausted; its tokens are charged when it ends.
+
+`limits` has no concurrency primitive, so concurrent-request slots are counted here: a plain
+counter in memory, and in Redis a sorted set of leases per scope, acquired atomically by a
+Lua script. A lease carries an expiry (the request timeout plus a margin), so slots held by a
+gateway that was killed come back by themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+
+from .config import RateLimit
+from .errors import ApiError, Headers
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from .keys import ApiKey
+
+GLOBAL = "global"
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's style for x-ratelimit-reset-*: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, secs = divmod(int(math.ceil(seconds)), 60)
+    return f"{minutes}m{secs}s"
+
+
+@dataclass(slots=True)
+class Admission:
+    """What an admitted request holds and must give back: its concurrency slots."""
+
+    lease_id: str
+    scopes: list[str] = field(default_factory=list)
+    released: bool = False
+
+
+def rate_limited(
+    reason: str,
+    scope_label: str,
+    kind: str,
+    limit: int,
+    remaining: int,
+    reset_after: float,
+    extra: Headers | None = None,
+) -> ApiError:
+    """429 in OpenAI's shape with Retry-After and the x-ratelimit-* trio of ``kind``."""
+    retry_after = max(1, math.ceil(reset_after))
+    headers: Headers = [
+        (b"retry-after", str(retry_after).encode()),
+        (f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
+        (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, remaining)).encode()),
+        (f"x-ratelimit-reset-{kind}".encode(), format_duration(reset_after).encode()),
+    ]
+    if extra:
+        headers.extend(extra)
+    what = {
+        "qps": f"requests per second ({limit}/s)",
+        "tpm": f"tokens per minute ({limit}/min)",
+        "concurrency": f"concurrent requests ({limit})",
+    }[reason]
+    return ApiError(
+        429,
+        f"Rate limit reached for {scope_label} on {what}. Please try again in "
+        f"{format_duration(reset_after)}.",
+        # OpenAI's types: "requests" for request limits, "tokens" for token limits.
+        kind,
+        "rate_limit_exceeded",
+        headers=headers,
+        metric_type="rate_limit",
+    )
+
+
+# Acquire one slot in every scope or in none. KEYS: the scopes' sorted sets; ARGV: lease id,
+# lease ttl (ms), then one limit per key. Returns 0 when acquired, else the 1-based index of
+# the first full scope. Redis' own clock is used so gateways with skewed clocks agree.
+_ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i, k in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  if redis.call('ZCARD', k) >= tonumber(ARGV[i + 2]) then
+    return i
+  end
+end
+for _, k in ipairs(KEYS) do
+  redis.call('ZADD', k, now + ttl, ARGV[1])
+  redis.call('PEXPIRE', k, ttl)
+end
+return 0
+"""
+
+
+class _Concurrency:
+    """Concurrency slots: the in-memory implementation."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    async def acquire(self, lease_id: str, scopes: list[tuple[str, int]]) -> int:
+        held = self._held
+        for i, (scope, limit) in enumerate(scopes):
+            if held.get(scope, 0) >= limit:
+                return i + 1
+        for scope, _ in scopes:
+            held[scope] = held.get(scope, 0) + 1
+        return 0
+
+    async def release(self, lease_id: str, scopes: list[str]) -> None:
+        held = self._held
+        for scope in scopes:
+            n = held.get(scope, 0) - 1
+            if n > 0:
+                held[scope] = n
+            else:
+                held.pop(scope, None)
+
+    def in_use(self, scope: str) -> int:
+        return self._held.get(scope, 0)
+
+
+class _RedisConcurrency:
+    """Concurrency slots shared by every gateway using the same Redis."""
+
+    def __init__(self, redis: Redis, prefix: str, lease_ttl: float) -> None:
+        self._redis = redis
+        self._prefix = prefix + "conc:"
+        self._ttl_ms = int(lease_ttl * 1000)
+        self._acquire = redis.register_script(_ACQUIRE_LUA)
+
+    async def acquire(self, lease_id: str, scopes: list[tuple[str, int]]) -> int:
+        keys = [self._prefix + s for s, _ in scopes]
+        args: list[Any] = [lease_id, self._ttl_ms, *(limit for _, limit in scopes)]
+        return int(await self._acquire(keys=keys, args=args))
+
+    async def release(self, lease_id: str, scopes: list[str]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for s in scopes:
+                pipe.zrem(self._prefix + s, lease_id)
+            await pipe.execute()
+
+
+class Limiter:
+    """Admits or refuses requests against the global limits and the key's own."""
+
+    def __init__(
+        self,
+        global_limits: RateLimit,
+        redis_url: str | None = None,
+        redis: Redis | None = None,
+        prefix: str = "llmhost:",
+        lease_ttl: float = 960.0,
+    ) -> None:
+        self.global_limits = global_limits
+        storage: Storage
+        if redis_url is not None:
+            if redis is None:
+                raise ValueError("a Redis client is needed with redis_url")
+            storage = RedisStorage(
+                "async+" + redis_url, implementation="redispy", key_prefix=prefix + "limits"
+            )
+            self._conc: _Concurrency | _RedisConcurrency = _RedisConcurrency(
+                redis, prefix, lease_ttl
+            )
+        else:
+            storage = MemoryStorage()
+            self._conc = _Concurrency()
+        self.storage = storage
+        self._moving = MovingWindowRateLimiter(storage)
+        self._fixed = FixedWindowRateLimiter(storage)
+        self._items: dict[tuple[str, int], RateLimitItem] = {}
+
+    def _item(self, per: str, amount: int) -> RateLimitItem:
+        item = self._items.get((per, amount))
+        if item is None:
+            cls = RateLimitItemPerSecond if per == "s" else RateLimitItemPerMinute
+            item = self._items[(per, amount)] = cls(amount, namespace="llmhost")
+        return item
+
+    async def admit(self, key: ApiKey, lease_id: str) -> Admission:
+        """Admit one request or raise a 429 ApiError naming the limit that refused it."""
+        g = self.global_limits
+        scope_key = "key:" + key.key_id
+
+        # Tokens first: checking costs nothing, while a QPS hit is consumed.
+        for tpm, ident, label in (
+            (key.tokens_per_minute, scope_key, "this API key"),
+            (g.tokens_per_minute, GLOBAL, "the service"),
+        ):
+            if tpm is not None:
+                item = self._item("m", tpm)
+                if not await self._fixed.test(item, ident):
+                    reset, remaining = await self._fixed.get_window_stats(item, ident)
+                    raise rate_limited(
+                        "tpm", label, "tokens", tpm, remaining, reset - time.time()
+                    ).with_reason("tpm_key" if ident != GLOBAL else "tpm_global")
+
+        for qps, ident, label in (
+            (key.qps, scope_key, "this API key"),
+            (g.qps, GLOBAL, "the service"),
+        ):
+            if qps is not None:
+                item = self._item("s", qps)
+                if not await self._moving.hit(item, ident):
+                    reset, remaining = await self._moving.get_window_stats(item, ident)
+                    raise rate_limited(
+                        "qps", label, "requests", qps, remaining, reset - time.time()
+                    ).with_reason("qps_key" if ident != GLOBAL else "qps_global")
+
+        admission = Admission(lease_id)
+        scopes: list[tuple[str, int]] = []
+        if key.concurrent is not None:
+            scopes.append((scope_key, key.concurrent))
+        if g.concurrent is not None:
+            scopes.append((GLOBAL, g.concurrent))
+        if scopes:
+            full = await self._conc.acquire(lease_id, scopes)
+            if full:
+                scope, limit = scopes[full - 1]
+                is_key = scope != GLOBAL
+                # A slot frees when some request ends: nothing better to promise than soon.
+                raise rate_limited(
+                    "concurrency",
+                    "this API key" if is_key else "the service",
+                    "requests",
+                    limit,
+                    0,
+                    1.0,
+                ).with_reason("concurrency_key" if is_key else "concurrency_global")
+            admission.scopes = [s for s, _ in scopes]
+        return admission
+
+    async def release(self, admission: Admission) -> None:
+        """Give back the request's concurrency slots; safe to call twice."""
+        if admission.released:
+            return
+        admission.released = True
+        if admission.scopes:
+            await self._conc.release(admission.lease_id, admission.scopes)
+
+    async def charge_tokens(self, key: ApiKey, tokens: int) -> None:
+        """Count a finished request's tokens against the tokens-per-minute windows."""
+        if tokens <= 0:
+            return
+        if key.tokens_per_minute is not None:
+            await self._fixed.hit(
+                self._item("m", key.tokens_per_minute), "key:" + key.key_id, cost=tokens
+            )
+        g = self.global_limits.tokens_per_minute
+        if g is not None:
+            await self._fixed.hit(self._item("m", g), GLOBAL, cost=tokens)
+
+    async def check(self) -> bool:
+        """Whether the limit store answers."""
+        return bool(await self.storage.check())

@@ -1,0 +1,74 @@
+"""Shared fixtures of the host checks.
+
+These checks run in two places: Molecule's verify step (on the test hosts it
+created) and `make check` (on an operator's own inventory, read-only). Both
+hand pytest an Ansible inventory; testinfra connects the way it says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+IN_MOLECULE = bool(os.environ.get("MOLECULE_SCENARIO_NAME"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "molecule_only(reason): needs setup that only a Molecule scenario provides; "
+        "skipped against real hosts",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_MOLECULE:
+        return
+    for item in items:
+        marker = item.get_closest_marker("molecule_only")
+        if marker is not None:
+            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+            item.add_marker(pytest.mark.skip(reason=f"Molecule only: {reason}"))
+
+
+@pytest.fixture
+def hostvar(host: Any) -> Callable[[str, Any], Any]:
+    """Return a lookup of the host's inventory variables, with the role default as fallback."""
+    variables = host.ansible.get_variables()
+
+    def lookup(name: str, default: Any = None) -> Any:
+        return variables.get(name, default)
+
+    return lookup
+
+
+def http(host: Any, method: str, url: str, *, headers: dict[str, str] | None = None,
+         body: str | None = None, timeout: int = 30) -> tuple[int, dict[str, str], str]:
+    """Send one HTTP request from the host itself with curl; return status, headers, body."""
+    args = ["curl", "-sS", "-o", "/dev/stdout", "-D", "/dev/stderr", "-X", method,
+            "--max-time", str(timeout), url]
+    for name, value in (headers or {}).items():
+        args += ["-H", f"{name}: {value}"]
+    if body is not None:
+        args += ["--data-binary", body, "-H", "Content-Type: application/json"]
+    result = host.run(" ".join(shlex.quote(a) for a in args))
+    assert result.rc == 0, f"curl {method} {url} failed: {result.stderr}"
+    status_line, *header_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    status = int(status_line.split()[1])
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return status, parsed, result.stdout
+
+
+def openai_error(body: str) -> dict[str, Any]:
+    """Parse an OpenAI-shaped error body and check its shape."""
+    error = json.loads(body)["error"]
+    assert set(error) >= {"message", "type", "param", "code"}, error
+    return error

@@ -1,0 +1,64 @@
+"""nginx on the serving hosts: a pure reverse proxy in front of the gateway."""
+
+from __future__ import annotations
+
+from conftest import http, openai_error
+
+testinfra_hosts = ["ansible://gpu"]
+
+
+def test_nginx_is_active_enabled_and_stable(host):
+    service = host.service("nginx")
+    assert service.is_running
+    assert service.is_enabled
+    restarts = host.run("systemctl show -p NRestarts --value nginx").stdout.strip()
+    assert restarts == "0", f"nginx restarted {restarts} times"
+
+
+def test_nginx_configuration_is_valid(host):
+    # `nginx -t` only reads the configuration (it writes nothing).
+    result = host.run("nginx -t")
+    assert result.rc == 0, result.stderr
+
+
+def test_nginx_listens_on_its_port(host, hostvar):
+    address = hostvar("nginx_listen_address", "0.0.0.0")
+    port = hostvar("nginx_listen_port", 8000)
+    assert host.socket(f"tcp://{address}:{port}").is_listening
+
+
+def test_paths_outside_the_allow_list_get_openai_404(host, hostvar):
+    port = hostvar("nginx_listen_port", 8000)
+    for path in ("/", "/invocations", "/tokenize", "/v2/models", "/pause"):
+        status, _, body = http(host, "GET", f"http://127.0.0.1:{port}{path}")
+        assert status == 404, path
+        assert openai_error(body)["code"] == "not_found"
+
+
+def test_restricted_paths_are_refused_from_other_networks(host, hostvar):
+    """/metrics and /admin/ answer to the allowed networks only (loopback by default)."""
+    port = hostvar("nginx_listen_port", 8000)
+    allowed = hostvar("nginx_restricted_allow", ["127.0.0.1/32", "::1/128"])
+    if "0.0.0.0/0" in allowed:
+        return
+    # The host's own non-loopback address is outside the default allow-list.
+    address = host.run("hostname -I").stdout.split()[0]
+    for path in ("/metrics", "/admin/usage"):
+        status, _, body = http(host, "GET", f"http://{address}:{port}{path}")
+        assert status == 403, path
+        assert openai_error(body)["type"] == "permission_error"
+
+
+def test_access_log_is_json_with_upstream_time(host, hostvar):
+    import json
+
+    port = hostvar("nginx_listen_port", 8000)
+    http(host, "GET", f"http://127.0.0.1:{port}/health", headers={"X-Request-ID": "check-log-1"})
+    log = hostvar("nginx_access_log", "/var/log/nginx/llmhost-access.json.log")
+    lines = host.run(f"tail -n 50 {log}").stdout.splitlines()
+    records = [json.loads(line) for line in lines if "check-log-1" in line]
+    assert records, "request id not found in the access log"
+    record = records[-1]
+    assert record["uri"] == "/health"
+    assert isinstance(record["request_time"], (int, float))
+    assert record["upstream_response_time"] != ""
