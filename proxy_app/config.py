@@ -66,6 +66,9 @@ class Config(_Strict):
     # When set, limits and usage live in Redis so that several gateways share them.
     redis_url: str | None = None
     redis_prefix: str = "llmhost:"
+    # SQLite usage store: "normal" survives the gateway being killed (kill -9) but may lose
+    # the last requests on power loss; "full" fsyncs every request and survives that too.
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
     timeouts: Timeouts = Timeouts()
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     # X-Forwarded-For is believed only from these peers (nginx on the same host by default).

@@ -92,6 +92,15 @@ class KeysFileError(Exception):
     """The keys file cannot be used; the keys in force stay."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """Outcome of a reload: on failure ``message`` says why and the old keys stay."""
+
+    ok: bool
+    keys: int
+    message: str
+
+
 def _resolve(entry: KeyEntry, defaults: KeyDefaults) -> ApiKey:
     digest = key_digest(entry.key) if entry.key is not None else entry.key_sha256.lower()  # type: ignore[union-attr]
     expires: float | None = None
@@ -177,6 +186,14 @@ class KeyStore:
         self.keys = keys
         self.loaded_at = time.time()
         return len(keys)
+
+    def reload(self) -> ReloadResult:
+        """Load the file again; a bad file leaves the keys in force untouched."""
+        try:
+            n = self.load()
+        except KeysFileError as e:
+            return ReloadResult(False, len(self.keys), str(e))
+        return ReloadResult(True, n, f"{n} keys loaded from {self.path}")
 
     def changed(self) -> bool:
         """Whether the file differs (inode, mtime or size) from the last load attempt."""

@@ -24,6 +24,7 @@ gateway that was killed come back by themselves.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -57,7 +58,8 @@ def format_duration(seconds: float) -> str:
 class Admission:
     """What an admitted request holds and must give back: its concurrency slots."""
 
-    lease_id: str
+    # Unique per request (a client's X-Request-ID need not be), so leases never collide.
+    lease_id: str = ""
     scopes: list[str] = field(default_factory=list)
     released: bool = False
 
@@ -205,7 +207,7 @@ class Limiter:
             item = self._items[(per, amount)] = cls(amount, namespace="llmhost")
         return item
 
-    async def admit(self, key: ApiKey, lease_id: str) -> Admission:
+    async def admit(self, key: ApiKey) -> Admission:
         """Admit one request or raise a 429 ApiError naming the limit that refused it."""
         g = self.global_limits
         scope_key = "key:" + key.key_id
@@ -235,14 +237,15 @@ class Limiter:
                         "qps", label, "requests", qps, remaining, reset - time.time()
                     ).with_reason("qps_key" if ident != GLOBAL else "qps_global")
 
-        admission = Admission(lease_id)
+        admission = Admission()
         scopes: list[tuple[str, int]] = []
         if key.concurrent is not None:
             scopes.append((scope_key, key.concurrent))
         if g.concurrent is not None:
             scopes.append((GLOBAL, g.concurrent))
         if scopes:
-            full = await self._conc.acquire(lease_id, scopes)
+            admission.lease_id = os.urandom(12).hex()
+            full = await self._conc.acquire(admission.lease_id, scopes)
             if full:
                 scope, limit = scopes[full - 1]
                 is_key = scope != GLOBAL

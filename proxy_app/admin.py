@@ -1,0 +1,141 @@
+"""The operator's API, on FastAPI: key reloads and usage, for admin keys only.
+
+These endpoints are rare and benefit from typed models and validation; the forwarding hot
+path does not go through FastAPI (see proxy.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import ApiError, bad_request, method_not_allowed, not_found
+from .keys import ApiKey, KeyStore, ReloadResult, require_admin
+from .usage import UsageStore, usage_report
+
+INFO_KEY = "llmhost.info"
+
+
+class ReloadOut(BaseModel):
+    status: Literal["ok"]
+    keys: int
+    message: str
+
+
+class TokenCounts(BaseModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class KeyUsage(BaseModel):
+    key_id: str
+    user: str
+    enabled: bool
+    admin: bool
+    quota: int | None
+    quota_period: str
+    period: str
+    period_usage: TokenCounts
+    total_usage: TokenCounts
+    remaining: int | None
+
+
+class UsageOut(BaseModel):
+    object: Literal["list"] = "list"
+    generated_at: datetime
+    data: list[KeyUsage]
+
+
+def _error_response(err: ApiError) -> Response:
+    headers = {k.decode(): v.decode() for k, v in err.headers}
+    return Response(err.body(), err.status, headers=headers, media_type="application/json")
+
+
+def build_admin_app(
+    *, keys: KeyStore, usage: UsageStore, reload_keys: Callable[[str], ReloadResult]
+) -> FastAPI:
+    """The FastAPI app serving /admin/*."""
+    app = FastAPI(
+        title="llmhost gateway admin", docs_url=None, redoc_url=None, openapi_url=None
+    )
+
+    def admin_key(request: Request) -> ApiKey:
+        header = request.headers.get("authorization")
+        key = keys.authenticate(header.encode("latin-1") if header else None, time.time())
+        info = request.scope.get(INFO_KEY)
+        if info is not None:
+            info.user = key.user
+            info.key_id = key.key_id
+        require_admin(key)
+        return key
+
+    Admin = Annotated[ApiKey, Depends(admin_key)]
+
+    @app.post("/admin/reload-keys", response_model=ReloadOut)
+    def reload(_: Admin) -> Any:
+        """Reload the keys file; a bad file is refused and the keys in force stay."""
+        result = reload_keys("admin")
+        if not result.ok:
+            raise ApiError(
+                422,
+                f"Keys file refused, the {result.keys} keys in force stay: {result.message}",
+                "invalid_request_error",
+                "invalid_keys_file",
+            )
+        return {"status": "ok", "keys": result.keys, "message": result.message}
+
+    @app.get("/admin/usage", response_model=UsageOut)
+    async def get_usage(
+        _: Admin,
+        user: Annotated[str | None, Query(max_length=128)] = None,
+        key_id: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> Any:
+        """Usage of every key in force in its quota period and in total, and quota left."""
+        now = time.time()
+        selected = [
+            k
+            for k in keys.keys.values()
+            if (user is None or k.user == user) and (key_id is None or k.key_id == key_id)
+        ]
+        selected.sort(key=lambda k: (k.user, k.key_id))
+        return {
+            "object": "list",
+            "generated_at": datetime.fromtimestamp(now).astimezone(),
+            "data": await usage_report(usage, selected, now),
+        }
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        info = request.scope.get(INFO_KEY)
+        if info is not None:
+            info.error = exc.metric_type
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("query", "body")]
+        field = ".".join(loc) or None
+        return _error_response(bad_request(f"{field}: {first.get('msg', 'invalid')}", field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            return _error_response(method_not_allowed(request.method, request.url.path))
+        if exc.status_code == 404:
+            return _error_response(not_found(request.url.path))
+        return _error_response(
+            ApiError(exc.status_code, str(exc.detail), "invalid_request_error", "http_error")
+        )
+
+    return app

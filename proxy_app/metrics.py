@@ -1,0 +1,142 @@
+"""Prometheus metrics of the gateway, in a registry the app owns.
+
+Label values are bounded: endpoints come from a fixed set (anything else is "other"),
+statuses are HTTP codes, users come from the keys file, error types and rejection reasons
+from the gateway's own vocabulary.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+ENDPOINTS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/admin/reload-keys",
+        "/admin/usage",
+    }
+)
+METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+def endpoint_label(path: str) -> str:
+    """The path if the gateway serves it, else "other" (keeps label values bounded)."""
+    return path if path in ENDPOINTS else "other"
+
+
+class Metrics:
+    """The gateway's metrics; label children are cached, the hot path only increments."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests answered by the gateway",
+            ["method", "endpoint", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from request to the end of the response, streamed or not",
+            ["method", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.active = Gauge(
+            "http_active_requests", "Requests being handled right now", registry=r
+        )
+        self.errors = Counter(
+            "http_errors_total",
+            "Requests answered with an error, by type",
+            ["type"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "token_usage_total",
+            "Tokens used, by user and type (prompt, completion)",
+            ["user", "type"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "gateway_rejections_total",
+            "Requests refused by a limit, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_ttft = Histogram(
+            "upstream_time_to_first_token_seconds",
+            "Time until vLLM's first token (first chunk when streamed, whole body if not)",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "upstream_request_duration_seconds",
+            "Time vLLM took for a whole response",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "upstream_up", "Whether vLLM answered its last health probe (1) or not (0)", registry=r
+        )
+        self.keys_loaded = Gauge("gateway_keys_loaded", "API keys in force", registry=r)
+        self.key_reloads = Counter(
+            "gateway_key_reloads_total",
+            "Keys file reloads, by result (ok, error)",
+            ["result"],
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects_total",
+            "Streams the client left before their end",
+            registry=r,
+        )
+        self._req_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._token_children: dict[str, tuple[Counter, Counter]] = {}
+
+    def request_done(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        k = (method, endpoint, status)
+        children = self._req_children.get(k)
+        if children is None:
+            m = method if method in METHODS else "OTHER"
+            children = (
+                self.requests.labels(m, endpoint, str(status)),
+                self.duration.labels(m, endpoint),
+            )
+            self._req_children[k] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def tokens_used(self, user: str, prompt: int, completion: int) -> None:
+        """Count the tokens of one request."""
+        children = self._token_children.get(user)
+        if children is None:
+            children = (
+                self.tokens.labels(user, "prompt"),
+                self.tokens.labels(user, "completion"),
+            )
+            self._token_children[user] = children
+        if prompt:
+            children[0].inc(prompt)
+        if completion:
+            children[1].inc(completion)
+
+    def render(self) -> bytes:
+        """The exposition text for /metrics."""
+        return generate_latest(self.registry)
