@@ -61,25 +61,27 @@ def _error_response(err: ApiError) -> Response:
     return Response(err.body(), err.status, headers=headers, media_type="application/json")
 
 
+def _admin_key(request: Request) -> ApiKey:
+    keys: KeyStore = request.app.state.keys
+    header = request.headers.get("authorization")
+    key = keys.authenticate(header.encode("latin-1") if header else None, time.time())
+    info = request.scope.get(INFO_KEY)
+    if info is not None:
+        info.user = key.user
+        info.key_id = key.key_id
+    require_admin(key)
+    return key
+
+
+Admin = Annotated[ApiKey, Depends(_admin_key)]
+
+
 def build_admin_app(
     *, keys: KeyStore, usage: UsageStore, reload_keys: Callable[[str], ReloadResult]
 ) -> FastAPI:
     """The FastAPI app serving /admin/*."""
-    app = FastAPI(
-        title="llmhost gateway admin", docs_url=None, redoc_url=None, openapi_url=None
-    )
-
-    def admin_key(request: Request) -> ApiKey:
-        header = request.headers.get("authorization")
-        key = keys.authenticate(header.encode("latin-1") if header else None, time.time())
-        info = request.scope.get(INFO_KEY)
-        if info is not None:
-            info.user = key.user
-            info.key_id = key.key_id
-        require_admin(key)
-        return key
-
-    Admin = Annotated[ApiKey, Depends(admin_key)]
+    app = FastAPI(title="llmhost gateway admin", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.keys = keys
 
     @app.post("/admin/reload-keys", response_model=ReloadOut)
     def reload(_: Admin) -> Any:

@@ -59,6 +59,8 @@ class Config(_Strict):
     vllm_api_key: str | None = None
     fastapi_host: str = "127.0.0.1"
     fastapi_port: Port = 8080
+    # Seconds an idle client connection (nginx's) stays open.
+    keep_alive_timeout: Seconds = 75.0
     api_keys_file: Path
     rate_limit: RateLimit = RateLimit()
     key_defaults: KeyDefaults = KeyDefaults()

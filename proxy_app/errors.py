@@ -42,7 +42,9 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> bytes:
     """Serialise one error in OpenAI's shape."""
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -243,5 +243,3 @@ def require_admin(key: ApiKey) -> None:
     """403 unless the key has the admin role."""
     if not key.admin:
         raise forbidden("This endpoint needs an admin API key.", "admin_required")
-
-

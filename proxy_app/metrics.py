@@ -56,9 +56,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.active = Gauge(
-            "http_active_requests", "Requests being handled right now", registry=r
-        )
+        self.active = Gauge("http_active_requests", "Requests being handled right now", registry=r)
         self.errors = Counter(
             "http_errors_total",
             "Requests answered with an error, by type",

@@ -193,15 +193,14 @@ class Proxy:
     async def _forward(
         self, receive: Receive, send: Send, info: RequestInfo, key: ApiKey, req: ParsedRequest
     ) -> None:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        t0 = time.perf_counter()
         try:
             resp = await self.upstream.request(
                 "POST", info.endpoint, req.body, request_id=info.request_id, streaming=req.stream
             )
             if resp.status != 200:
                 body = await resp.read()
-                info.upstream_ms = (loop.time() - t0) * 1000
+                info.upstream_ms = (time.perf_counter() - t0) * 1000
                 await self._relay_error(send, info, resp, body)
                 return
             if req.stream and (resp.header(b"content-type") or b"").startswith(
@@ -214,24 +213,19 @@ class Proxy:
             if e.kind == "unavailable":
                 self.metrics.upstream_up.set(0)
             raise upstream_api_error(e) from None
-        elapsed = loop.time() - t0
+        elapsed = time.perf_counter() - t0
         info.upstream_ms = elapsed * 1000
         self._ttft[info.endpoint].observe(elapsed)
         self._latency[info.endpoint].observe(elapsed)
-        tokens = None
         try:
             tokens = usage_of(orjson.loads(body).get("usage"))
         except (orjson.JSONDecodeError, AttributeError):
-            pass
+            tokens = None
         if tokens is None:
-            self.log.log(
-                "warning", "usage_missing", request_id=info.request_id, path=info.endpoint
-            )
+            self.log.log("warning", "usage_missing", request_id=info.request_id, path=info.endpoint)
             tokens = (0, 0)
         await self._charge(key, info, tokens[0], tokens[1], estimated=False)
-        await respond(
-            send, info, 200, body, resp.header(b"content-type") or b"application/json"
-        )
+        await respond(send, info, 200, body, resp.header(b"content-type") or b"application/json")
 
     async def _relay_error(
         self, send: Send, info: RequestInfo, resp: UpstreamResponse, body: bytes
@@ -283,7 +277,6 @@ class Proxy:
         resp: UpstreamResponse,
         t0: float,
     ) -> None:
-        loop = asyncio.get_running_loop()
         headers = [*_SSE_HEADERS, (b"x-request-id", info.request_id.encode())]
         info.status = 200
         info.response_started = True
@@ -313,7 +306,7 @@ class Proxy:
                     break
                 if first:
                     first = False
-                    self._ttft[info.endpoint].observe(loop.time() - t0)
+                    self._ttft[info.endpoint].observe(time.perf_counter() - t0)
                 out = scanner.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -321,7 +314,7 @@ class Proxy:
             watcher.cancel()
             if not resp.done:
                 resp.abort()
-        elapsed = loop.time() - t0
+        elapsed = time.perf_counter() - t0
         info.upstream_ms = elapsed * 1000
         self._latency[info.endpoint].observe(elapsed)
 
@@ -355,8 +348,7 @@ class Proxy:
         key = self.keys.authenticate(headers.get(b"authorization"), time.time())
         info.user = key.user
         info.key_id = key.key_id
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        t0 = time.perf_counter()
         try:
             resp = await self.upstream.request(
                 "GET", "/v1/models", request_id=info.request_id, first_byte_timeout=30.0
@@ -364,8 +356,8 @@ class Proxy:
             body = await resp.read()
         except UpstreamError as e:
             raise upstream_api_error(e) from None
-        info.upstream_ms = (loop.time() - t0) * 1000
-        self._latency["/v1/models"].observe(loop.time() - t0)
+        info.upstream_ms = (time.perf_counter() - t0) * 1000
+        self._latency["/v1/models"].observe(time.perf_counter() - t0)
         if resp.status != 200:
             await self._relay_error(send, info, resp, body)
             return

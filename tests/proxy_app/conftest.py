@@ -1,0 +1,167 @@
+"""Fixtures for the gateway tests: real processes, started and stopped here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from proxy_harness import (
+    HERE,
+    REPO,
+    Gateway,
+    Upstream,
+    default_keys,
+    free_port,
+    start,
+    wait_for,
+    wait_http_ok,
+)
+
+GatewayFactory = Callable[..., Gateway]
+
+
+@pytest.fixture(scope="session")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """Real vLLM on the CPU serving the tiny model as "tiny" (one per test session)."""
+    python = Path(os.environ.get("LLMHOST_VLLM_PYTHON", REPO / ".venv-vllm/bin/python"))
+    model = Path(os.environ.get("LLMHOST_TINY_MODEL", REPO / ".cache/tiny-model"))
+    missing = []
+    if not python.exists():
+        missing.append(f"no vLLM python at {python} (LLMHOST_VLLM_PYTHON)")
+    if not (model / "config.json").exists():
+        missing.append(f"no tiny model in {model} (LLMHOST_TINY_MODEL)")
+    if missing:
+        pytest.fail(
+            "vLLM tests need the vLLM CPU venv and the tiny model: "
+            + "; ".join(missing)
+            + ". Run `make vllm-env tiny-model` first.",
+            pytrace=False,
+        )
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    # vLLM spawns engine and worker processes: run it in its own process group and stop
+    # the group.
+    proc = start(
+        [
+            str(python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model), "--served-model-name", "tiny",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--enforce-eager", "--kv-cache-memory-bytes", "67108864",
+            "--max-model-len", "1024", "--dtype", "bfloat16",
+        ],  # fmt: skip
+        log,
+        env={"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
+        group=True,
+    )
+    try:
+        wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 300, "vLLM")
+        # /health can be 200 while inference is broken: prove a real completion works.
+        with httpx.Client(trust_env=False, timeout=60) as c:
+            r = c.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
+            )
+            assert r.status_code == 200, f"vLLM cannot complete: {r.text}\n{proc.output()}"
+        yield Upstream(port, proc)
+    finally:
+        proc.stop(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def fake_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """The tests' own OpenAI-shaped server (see fake_upstream.py), for failure cases."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("fake") / "fake.log"
+    proc = start([sys.executable, str(HERE / "fake_upstream.py"), str(port)], log)
+    try:
+        wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 30, "the fake upstream")
+        yield Upstream(port, proc)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def fake(fake_upstream: Upstream) -> Iterator[Upstream]:
+    """The fake upstream, healthy at the start and the end of the test."""
+    with httpx.Client(trust_env=False) as c:
+        c.post(fake_upstream.url + "/_health", content=b"ok")
+        yield fake_upstream
+        c.post(fake_upstream.url + "/_health", content=b"ok")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway redis-server on a free port, no persistence."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)", pytrace=False)
+    port = free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = start(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(d)],
+        d / "redis.log",
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        wait_for(client.ping, 20, "redis-server")
+        client.close()
+        yield url
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The shared Redis, emptied for this test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    client.close()
+    return redis_server
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Start gateways with the given upstream, keys and config; all stopped at the end."""
+    started: list[Gateway] = []
+
+    def make(
+        upstream: Upstream,
+        keys: list[dict[str, Any]] | None = None,
+        name: str = "gw",
+        state_dir: Path | None = None,
+        **config: Any,
+    ) -> Gateway:
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        port = free_port()
+        conf: dict[str, Any] = {
+            "vllm_host": "127.0.0.1",
+            "vllm_port": upstream.port,
+            "fastapi_host": "127.0.0.1",
+            "fastapi_port": port,
+            "api_keys_file": str(d / "keys.json"),
+            "state_dir": str(state_dir or d / "state"),
+            "log_level": "info",
+            "keys_poll_interval": 0.2,
+            "timeouts": {"connect": 2, "first_byte": 5, "read": 5, "total": 30},
+        }
+        conf.update(config)
+        gw = Gateway(d, port, conf, keys=keys if keys is not None else default_keys())
+        started.append(gw)
+        return gw.start()
+
+    yield make
+    for gw in started:
+        gw.stop()
