@@ -1,4 +1,4 @@
-"""Command line: ``llm-proxy [serve] --config PATH``, ``check-config``, ``new-key``."""
+"""Command line: ``llm-proxy [serve] --config PATH``, ``check-config``, ``check-keys``, ``new-key``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
-from .keys import KeysFileError, KeyStore, new_key
+from .config import Config, ConfigError, KeyDefaults, load_config
+from .keys import KeysFileError, KeyStore, new_key, parse_keys
 
 EXIT_CONFIG = 2
 
@@ -65,6 +65,21 @@ def _check(path: Path) -> int:
     return 0
 
 
+def _check_keys(path: Path) -> int:
+    # Used as Ansible's `validate:` on a keys file before it replaces the one in force,
+    # so it needs no config: per-key defaults do not change whether a file is valid.
+    try:
+        keys = parse_keys(path.read_bytes(), KeyDefaults(), str(path))
+    except OSError as e:
+        print(f"{path}: cannot read keys file: {e.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeysFileError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: OK ({len(keys)} keys)")
+    return 0
+
+
 def _new_key(as_json: bool) -> int:
     key, digest = new_key()
     if as_json:
@@ -86,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--config", type=Path, dest="sub_config")
     p_check = sub.add_parser("check-config", help="validate the config and the keys file")
     p_check.add_argument("--config", type=Path, dest="sub_config")
+    p_keys = sub.add_parser("check-keys", help="validate a keys file on its own")
+    p_keys.add_argument("keys_file", type=Path)
     p_key = sub.add_parser("new-key", help="print a new API key and its sha256")
     p_key.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
@@ -93,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "serve"
     if command == "new-key":
         return _new_key(args.json)
+    if command == "check-keys":
+        return _check_keys(args.keys_file)
     path = getattr(args, "sub_config", None) or args.config
     if path is None:
         parser.error(f"{command} needs --config PATH")

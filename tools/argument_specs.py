@@ -11,6 +11,7 @@ read off the default (Jinja expressions and nulls are `raw`).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,23 +30,34 @@ def _type_of(value: object) -> str:
     return "raw"
 
 
-def _descriptions(text: str) -> dict[str, str]:
+def _descriptions(text: str, prefix: str) -> dict[str, str]:
     """Map each top-level variable to the comment block above it."""
     found: dict[str, str] = {}
     block: list[str] = []
+    example = False
     for line in text.splitlines():
         if line.startswith("#"):
-            block.append(line.lstrip("#").strip())
+            # Commented-out examples (YAML under the prose) are not part of the description,
+            # and their Jinja would be templated by Ansible's argument validation.
+            body = line[1:]
+            example = example or body.strip().startswith(f"{prefix}_") or bool(
+                re.match(r"(\s?- |\s{3,})", body)
+            )
+            if not example:
+                block.append(body.strip())
         elif line and not line.startswith((" ", "-")) and ":" in line:
             name = line.split(":", 1)[0]
             # A comment block describes the variables that follow it until a blank line.
             found[name] = " ".join(b for b in block if b) if block else found.get("__last__", "")
+            example = False
             found["__last__"] = found[name]
         elif not line.strip():
             block = []
+            example = False
             found["__last__"] = ""
         else:
             block = []
+            example = False
     found.pop("__last__", None)
     return found
 
@@ -53,7 +65,7 @@ def _descriptions(text: str) -> dict[str, str]:
 def build(role: Path) -> tuple[dict, list[str]]:
     text = (role / "defaults" / "main.yml").read_text()
     defaults = yaml.safe_load(text) or {}
-    descriptions = _descriptions(text)
+    descriptions = _descriptions(text, role.name)
     problems = []
     options = {}
     for name, value in defaults.items():

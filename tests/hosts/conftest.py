@@ -38,11 +38,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def hostvar(host: Any) -> Callable[[str, Any], Any]:
-    """Return a lookup of the host's inventory variables, with the role default as fallback."""
-    variables = host.ansible.get_variables()
+    """Return a lookup of the host's inventory variables, with the role default as fallback.
+
+    Values are templated by Ansible itself (a `debug` call in check mode), so
+    variables built from lookups (vault, generated keys) arrive resolved.
+    """
+    cache: dict[str, Any] = {}
 
     def lookup(name: str, default: Any = None) -> Any:
-        return variables.get(name, default)
+        if name not in cache:
+            result = host.ansible("ansible.builtin.debug", f"var={name}", check=True)
+            value = result.get(name)
+            undefined = isinstance(value, str) and value.startswith("VARIABLE IS NOT DEFINED")
+            cache[name] = default if value is None or undefined else value
+        return cache[name]
 
     return lookup
 

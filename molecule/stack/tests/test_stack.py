@@ -1,0 +1,177 @@
+"""What only this scenario can prove: a second host probing, load to trip a
+limit, and re-converges with changed keys (see molecule.yml)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCENARIO = Path(__file__).resolve().parent.parent
+STACK = "llmhost-stack"
+
+
+@pytest.fixture(scope="module")
+def stack(host):
+    return host.get_host(f"ansible://{STACK}", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+
+
+@pytest.fixture(scope="module")
+def probe(host):
+    return host.get_host("ansible://llmhost-probe", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+
+
+@pytest.fixture(scope="module")
+def demo_key():
+    cache = Path(os.environ["LLMHOST_CACHE_DIR"])
+    return "sk-" + (cache / "demo" / "demo-key").read_text().split()[0]
+
+
+@pytest.fixture(scope="module")
+def admin_key():
+    cache = Path(os.environ["LLMHOST_CACHE_DIR"])
+    return "sk-" + (cache / "demo" / "admin-key").read_text().split()[0]
+
+
+def _curl(h, url, *args):
+    return h.run("curl -s -o /dev/null -w '%%{http_code}' --max-time 10 " + " ".join(args) + " " + url)
+
+
+testinfra_hosts = ["ansible://llmhost-probe"]
+
+
+def test_vllm_and_gateway_are_unreachable_from_another_host(probe):
+    for port in (8002, 8001):
+        result = _curl(probe, f"http://{STACK}:{port}/health")
+        assert result.stdout == "000", f"port {port} answered {result.stdout} from another host"
+
+
+def test_nginx_serves_another_host(probe, demo_key):
+    result = _curl(probe, f"http://{STACK}:8000/v1/models", "-H", f"'Authorization: Bearer {demo_key}'")
+    assert result.stdout == "200"
+    # vLLM's own unguarded paths stay out of reach through nginx too.
+    for path in ("/invocations", "/tokenize", "/pause", "/metrics"):
+        result = _curl(probe, f"http://{STACK}:8000{path}")
+        assert result.stdout in ("403", "404"), path
+
+
+STREAM = textwrap.dedent(
+    """
+    import http.client, json, sys
+    key = sys.argv[1]
+    conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=120)
+    body = json.dumps({"model": "tiny", "max_tokens": 8, "stream": True,
+                       "messages": [{"role": "user", "content": "Hello"}]})
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    events = [l for l in resp.read().decode().splitlines() if l.startswith("data: ")]
+    print(json.dumps({"status": resp.status, "type": resp.getheader("Content-Type"),
+                      "events": events}))
+    """
+)
+
+
+def test_streamed_chat_completion_through_nginx(stack, demo_key):
+    result = stack.run("python3 -c %s %s", STREAM, demo_key)
+    assert result.rc == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["status"] == 200
+    assert out["type"].startswith("text/event-stream")
+    assert out["events"][-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in out["events"][:-1]]
+    assert len(chunks) >= 2
+    # The client did not ask for usage: the gateway's own usage chunk is removed.
+    assert all(c["choices"] for c in chunks)
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import http.client, json, sys, threading
+    key, n = sys.argv[1], int(sys.argv[2])
+    statuses = []
+    def one():
+        conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=300)
+        body = json.dumps({"model": "tiny", "max_tokens": 600, "ignore_eos": True, "stream": True,
+                           "messages": [{"role": "user", "content": "Count"}]})
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        statuses.append((resp.status, resp.getheader("Retry-After"), resp.read()[:300].decode()))
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    print(json.dumps(statuses))
+    """
+)
+
+
+def test_exceeding_the_key_concurrency_gets_429(stack, demo_key):
+    # The demo key allows 4 concurrent requests (inventories/local); 10 long streams at once.
+    result = stack.run("python3 -c %s %s 10", CONCURRENT, demo_key)
+    assert result.rc == 0, result.stderr
+    statuses = json.loads(result.stdout)
+    codes = sorted(s[0] for s in statuses)
+    assert 200 in codes and 429 in codes, codes
+    rejected = next(s for s in statuses if s[0] == 429)
+    assert rejected[1] is not None, "429 without Retry-After"
+    assert json.loads(rejected[2])["error"]["type"]
+    # Every slot came back: a new request is served again.
+    again = stack.run("python3 -c %s %s", STREAM, demo_key)
+    assert json.loads(again.stdout)["status"] == 200
+
+
+def _converge(extra_vars: dict) -> subprocess.CompletedProcess:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(extra_vars, f)
+    return subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO / "converge.yml"),
+         "--tags", "llm_proxy", "--limit", STACK, "-e", f"@{f.name}"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+
+
+def _main_pid(stack):
+    return stack.run("systemctl show -p MainPID --value llm-proxy").stdout.strip()
+
+
+DEMO_KEYS = [
+    {"user": "demo", "key": "{{ demo_api_key }}", "quota": 1000000, "concurrent": 4},
+    {"user": "admin", "key": "{{ demo_admin_key }}", "admin": True},
+]
+
+
+def test_a_key_added_in_the_inventory_works_without_a_restart(stack):
+    new_key = "sk-added-by-the-stack-scenario-0123456789"
+    pid_before = _main_pid(stack)
+    run = _converge({"llm_proxy_api_keys": [*DEMO_KEYS, {"user": "added", "key": new_key}]})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert _main_pid(stack) == pid_before, "the gateway restarted for a key change"
+    result = _curl(stack, "http://127.0.0.1:8000/v1/models", "-H", f"'Authorization: Bearer {new_key}'")
+    assert result.stdout == "200"
+
+
+def test_a_bad_keys_file_is_refused_before_it_lands(stack, demo_key):
+    before = stack.file("/etc/llm-proxy/keys.json").sha256sum
+    pid_before = _main_pid(stack)
+    duplicate = {"user": "again", "key": "{{ demo_api_key }}"}
+    run = _converge({"llm_proxy_api_keys": [*DEMO_KEYS, duplicate]})
+    assert run.returncode != 0, "a keys file with a duplicate key was accepted"
+    assert "Write the keys file" in run.stdout
+    assert stack.file("/etc/llm-proxy/keys.json").sha256sum == before
+    assert _main_pid(stack) == pid_before
+    result = _curl(stack, "http://127.0.0.1:8000/v1/models", "-H", f"'Authorization: Bearer {demo_key}'")
+    assert result.stdout == "200"
+
+
+def test_gateway_unit_exposure_is_low(stack):
+    result = stack.run("systemd-analyze security --no-pager llm-proxy.service")
+    last = result.stdout.strip().splitlines()[-1]
+    print(last)
+    exposure = float(last.split("exposure level for llm-proxy.service:")[1].split()[0])
+    assert exposure <= 3.0, last

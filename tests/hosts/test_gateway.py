@@ -1,0 +1,80 @@
+"""The gateway on the serving hosts, and a real answer through nginx."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import http, openai_error
+
+testinfra_hosts = ["ansible://gpu"]
+
+
+def test_gateway_is_active_enabled_and_stable(host):
+    service = host.service("llm-proxy")
+    assert service.is_running
+    assert service.is_enabled
+    restarts = host.run("systemctl show -p NRestarts --value llm-proxy").stdout.strip()
+    assert restarts == "0", f"llm-proxy restarted {restarts} times"
+
+
+def test_gateway_listens_on_loopback_only(host, hostvar):
+    port = hostvar("llm_proxy_port", 8001)
+    assert host.socket(f"tcp://{hostvar('llm_proxy_host', '127.0.0.1')}:{port}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening
+
+
+def test_config_and_keys_files_are_private(host, hostvar):
+    config_dir = hostvar("llm_proxy_config_dir", "/etc/llm-proxy")
+    group = hostvar("llm_proxy_group", "llm-proxy")
+    for name in ("config.yaml", "keys.json"):
+        f = host.file(f"{config_dir}/{name}")
+        assert f.user == "root", name
+        assert f.group == group, name
+        assert f.mode == 0o640, name
+
+
+def test_no_plaintext_key_on_disk(host, hostvar):
+    config_dir = hostvar("llm_proxy_config_dir", "/etc/llm-proxy")
+    keys = json.loads(host.file(f"{config_dir}/keys.json").content_string)["keys"]
+    assert keys
+    for entry in keys:
+        assert "key" not in entry, f"plaintext key for {entry.get('user')}"
+        assert len(entry["key_sha256"]) == 64
+    check_key = hostvar("llmhost_check_api_key", "")
+    if check_key:
+        found = host.run("grep -rlF -- %s /etc /var/lib/llm-proxy /opt/llm-proxy", check_key)
+        assert found.stdout == "", f"plaintext key found in {found.stdout}"
+
+
+def test_gateway_health_and_readiness(host, hostvar):
+    port = hostvar("llm_proxy_port", 8001)
+    status, _, _ = http(host, "GET", f"http://127.0.0.1:{port}/health")
+    assert status == 200
+    status, _, body = http(host, "GET", f"http://127.0.0.1:{port}/ready")
+    assert status == 200, body
+
+
+def test_a_bad_key_gets_401_through_nginx(host, hostvar):
+    port = hostvar("nginx_listen_port", 8000)
+    status, _, body = http(host, "GET", f"http://127.0.0.1:{port}/v1/models",
+                           headers={"Authorization": "Bearer sk-not-a-key"})
+    assert status == 401
+    assert openai_error(body)["type"] == "invalid_request_error" or openai_error(body)["code"]
+
+
+def test_a_real_answer_through_nginx(host, hostvar):
+    """The check key gets a generated answer from the model, through nginx and the gateway."""
+    key = hostvar("llmhost_check_api_key", "")
+    assert key, "set llmhost_check_api_key in the inventory (a key the checks may use)"
+    port = hostvar("nginx_listen_port", 8000)
+    model = hostvar("vllm_served_model_name")
+    body = json.dumps({"model": model, "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "Say hello"}]})
+    status, headers, answer = http(host, "POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                                   headers={"Authorization": f"Bearer {key}"}, body=body,
+                                   timeout=120)
+    assert status == 200, answer
+    parsed = json.loads(answer)
+    assert parsed["usage"]["completion_tokens"] >= 1
+    assert parsed["choices"][0]["message"]["role"] == "assistant"
+    assert headers.get("x-request-id")

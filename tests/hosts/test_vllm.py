@@ -1,0 +1,57 @@
+"""vLLM on the serving hosts: running, stable, reachable only on loopback."""
+
+from __future__ import annotations
+
+import json
+
+testinfra_hosts = ["ansible://gpu"]
+
+
+def test_vllm_is_active_enabled_and_stable(host):
+    service = host.service("vllm")
+    assert service.is_running
+    assert service.is_enabled
+    restarts = host.run("systemctl show -p NRestarts --value vllm").stdout.strip()
+    assert restarts == "0", f"vllm restarted {restarts} times"
+
+
+def test_vllm_listens_on_its_private_address_only(host, hostvar):
+    address = hostvar("vllm_host", "127.0.0.1")
+    port = hostvar("vllm_port", 8002)
+    assert host.socket(f"tcp://{address}:{port}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening
+    assert not host.socket(f"tcp://:::{port}").is_listening
+
+
+def test_vllm_runs_as_its_own_user(host, hostvar):
+    user = host.run("systemctl show -p User --value vllm").stdout.strip()
+    assert user == hostvar("vllm_user", "vllm")
+
+
+def test_vllm_environment_file_is_private(host, hostvar):
+    env = host.file(f"{hostvar('vllm_config_dir', '/etc/vllm')}/vllm.env")
+    assert env.user == "root"
+    assert env.group == hostvar("vllm_group", "vllm")
+    assert env.mode == 0o640
+
+
+def test_vllm_answers_health(host, hostvar):
+    address = hostvar("vllm_host", "127.0.0.1")
+    port = hostvar("vllm_port", 8002)
+    result = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' http://{address}:{port}/health")
+    assert result.stdout == "200"
+
+
+def test_vllm_refuses_requests_without_its_key(host, hostvar):
+    """Defence in depth: even on loopback, vLLM's /v1 wants its own key when one is set."""
+    if not hostvar("vllm_api_key", ""):
+        return
+    address = hostvar("vllm_host", "127.0.0.1")
+    port = hostvar("vllm_port", 8002)
+    body = json.dumps({"model": hostvar("vllm_served_model_name"), "prompt": "x", "max_tokens": 1})
+    result = host.run(
+        "curl -s -o /dev/null -w '%%{http_code}' -H 'Content-Type: application/json' "
+        f"--data-binary %s http://{address}:{port}/v1/completions",
+        body,
+    )
+    assert result.stdout == "401"

@@ -1,0 +1,60 @@
+"""Print the demo endpoint after `make demo`, once a real completion went through it.
+
+Reads the first host of the `gpu` group of the local inventory, its address on
+the demo network, and the generated demo key; sends one chat completion with
+the official `openai` client; then prints the two lines to export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _first_gpu_host(inventory: str) -> str:
+    out = subprocess.run(["ansible-inventory", "-i", inventory, "--list"], check=True,
+                         capture_output=True, text=True).stdout
+    hosts = json.loads(out).get("gpu", {}).get("hosts", [])
+    if not hosts:
+        sys.exit(f"no host in the gpu group of {inventory}")
+    return hosts[0]
+
+
+def _address(container: str) -> str:
+    fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+    out = subprocess.run(["docker", "inspect", "-f", fmt, container], check=True,
+                         capture_output=True, text=True).stdout.split()
+    if not out:
+        sys.exit(f"{container} has no address: is it running? (make demo)")
+    return out[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--inventory", default="inventories/local")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+
+    host = _first_gpu_host(args.inventory)
+    base_url = f"http://{_address(host)}:{args.port}/v1"
+    key = "sk-" + (ROOT / ".cache" / "demo" / "demo-key").read_text().split()[0]
+    client = OpenAI(base_url=base_url, api_key=key, timeout=60, max_retries=0)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model, max_tokens=8, messages=[{"role": "user", "content": "Hello!"}]
+    )
+    print(f"# {host}: {model} answered with {reply.usage.completion_tokens} tokens", file=sys.stderr)
+    print(f"OPENAI_BASE_URL={base_url}")
+    print(f"OPENAI_API_KEY={key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
