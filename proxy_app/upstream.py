@@ -21,7 +21,6 @@ from .config import Timeouts
 # A streamed response is read from vLLM no faster than the client takes it: past this many
 # buffered bytes the socket stops being read until the client has caught up.
 _HIGH_WATER = 1 << 20
-_LOW_WATER = 1 << 18
 # vLLM (uvicorn) closes idle keep-alive connections after 5 s; reuse one only well before.
 _IDLE_EXPIRY = 4.0
 
@@ -142,16 +141,23 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
 
     def take(self) -> bytes | None:
-        """Pop one buffered body chunk, resuming the socket when the buffer has drained."""
-        if not self.chunks:
+        """Everything buffered so far, in one piece, resuming the socket if it was paused.
+
+        Taking all of it matters: a consumer that took one piece at a time would find the
+        buffer never empty while vLLM streams fast, and would never yield to the event loop
+        (nor notice its own client leaving).
+        """
+        chunks = self.chunks
+        if not chunks:
             return None
-        chunk = self.chunks.popleft()
-        self.buffered -= len(chunk)
-        if self.paused and self.buffered < _LOW_WATER:
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.paused:
             self.paused = False
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
-        return chunk
+        return data
 
     def close(self) -> None:
         self.closed = True

@@ -49,7 +49,11 @@ def hostvar(host: Any) -> Callable[[str, Any], Any]:
         if name not in cache:
             result = host.ansible("ansible.builtin.debug", f"var={name}", check=True)
             value = result.get(name)
-            undefined = isinstance(value, str) and value.startswith("VARIABLE IS NOT DEFINED")
+            # Ansible prints an undefined variable as a marker string, not as null.
+            undefined = isinstance(value, str) and (
+                value.startswith("VARIABLE IS NOT DEFINED")
+                or (value.startswith("<<") and "is undefined" in value)
+            )
             cache[name] = default if value is None or undefined else value
         return cache[name]
 
