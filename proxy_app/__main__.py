@@ -1,4 +1,4 @@
-"""Command line: ``llm-proxy [serve] --config PATH``, ``check-config``, ``check-keys``, ``new-key``."""
+"""Command line: ``llm-proxy [serve] --config PATH``, check-config, check-keys, new-key."""
 
 from __future__ import annotations
 

@@ -23,8 +23,14 @@ ROLES = Path(__file__).resolve().parent.parent / "roles"
 def _type_of(value: object) -> str:
     if isinstance(value, str) and "{{" in value:
         return "raw"
-    for python_type, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"),
-                              (list, "list"), (dict, "dict")):
+    for python_type, name in (
+        (bool, "bool"),
+        (int, "int"),
+        (float, "float"),
+        (str, "str"),
+        (list, "list"),
+        (dict, "dict"),
+    ):
         if isinstance(value, python_type):
             return name
     return "raw"
@@ -40,8 +46,10 @@ def _descriptions(text: str, prefix: str) -> dict[str, str]:
             # Commented-out examples (YAML under the prose) are not part of the description,
             # and their Jinja would be templated by Ansible's argument validation.
             body = line[1:]
-            example = example or body.strip().startswith(f"{prefix}_") or bool(
-                re.match(r"(\s?- |\s{3,})", body)
+            example = (
+                example
+                or body.strip().startswith(f"{prefix}_")
+                or bool(re.match(r"(\s?- |\s{3,})", body))
             )
             if not example:
                 block.append(body.strip())
@@ -77,10 +85,14 @@ def build(role: Path) -> tuple[dict, list[str]]:
             option["elements"] = "str"
         options[name] = option
     meta = yaml.safe_load((role / "meta" / "main.yml").read_text())
-    spec = {"argument_specs": {"main": {
-        "short_description": meta["galaxy_info"]["description"],
-        "options": options,
-    }}}
+    spec = {
+        "argument_specs": {
+            "main": {
+                "short_description": meta["galaxy_info"]["description"],
+                "options": options,
+            }
+        }
+    }
     return spec, problems
 
 
@@ -106,8 +118,11 @@ def main() -> int:
         if args.write:
             target.write_text(wanted)
         elif not target.exists() or target.read_text() != wanted:
-            print(f"{target.relative_to(ROLES.parent)} is out of date: run "
-                  "python tools/argument_specs.py --write", file=sys.stderr)
+            print(
+                f"{target.relative_to(ROLES.parent)} is out of date: run "
+                "python tools/argument_specs.py --write",
+                file=sys.stderr,
+            )
             failed = True
     return 1 if failed else 0
 

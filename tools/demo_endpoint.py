@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _first_gpu_host(inventory: str) -> str:
-    out = subprocess.run(["ansible-inventory", "-i", inventory, "--list"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ansible-inventory", "-i", inventory, "--list"], check=True, capture_output=True, text=True
+    ).stdout
     hosts = json.loads(out).get("gpu", {}).get("hosts", [])
     if not hosts:
         sys.exit(f"no host in the gpu group of {inventory}")
@@ -29,8 +30,9 @@ def _first_gpu_host(inventory: str) -> str:
 
 def _address(container: str) -> str:
     fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
-    out = subprocess.run(["docker", "inspect", "-f", fmt, container], check=True,
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["docker", "inspect", "-f", fmt, container], check=True, capture_output=True, text=True
+    ).stdout.split()
     if not out:
         sys.exit(f"{container} has no address: is it running? (make demo)")
     return out[0]
@@ -50,7 +52,9 @@ def main() -> int:
     reply = client.chat.completions.create(
         model=model, max_tokens=8, messages=[{"role": "user", "content": "Hello!"}]
     )
-    print(f"# {host}: {model} answered with {reply.usage.completion_tokens} tokens", file=sys.stderr)
+    print(
+        f"# {host}: {model} answered with {reply.usage.completion_tokens} tokens", file=sys.stderr
+    )
     print(f"OPENAI_BASE_URL={base_url}")
     print(f"OPENAI_API_KEY={key}")
     return 0

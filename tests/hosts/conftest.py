@@ -60,11 +60,29 @@ def hostvar(host: Any) -> Callable[[str, Any], Any]:
     return lookup
 
 
-def http(host: Any, method: str, url: str, *, headers: dict[str, str] | None = None,
-         body: str | None = None, timeout: int = 30) -> tuple[int, dict[str, str], str]:
+def http(
+    host: Any,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: str | None = None,
+    timeout: int = 30,
+) -> tuple[int, dict[str, str], str]:
     """Send one HTTP request from the host itself with curl; return status, headers, body."""
-    args = ["curl", "-sS", "-o", "/dev/stdout", "-D", "/dev/stderr", "-X", method,
-            "--max-time", str(timeout), url]
+    args = [
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/stdout",
+        "-D",
+        "/dev/stderr",
+        "-X",
+        method,
+        "--max-time",
+        str(timeout),
+        url,
+    ]
     for name, value in (headers or {}).items():
         args += ["-H", f"{name}: {value}"]
     if body is not None:

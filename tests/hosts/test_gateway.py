@@ -56,8 +56,12 @@ def test_gateway_health_and_readiness(host, hostvar):
 
 def test_a_bad_key_gets_401_through_nginx(host, hostvar):
     port = hostvar("nginx_listen_port", 8000)
-    status, _, body = http(host, "GET", f"http://127.0.0.1:{port}/v1/models",
-                           headers={"Authorization": "Bearer sk-not-a-key"})
+    status, _, body = http(
+        host,
+        "GET",
+        f"http://127.0.0.1:{port}/v1/models",
+        headers={"Authorization": "Bearer sk-not-a-key"},
+    )
     assert status == 401
     assert openai_error(body)["type"] == "invalid_request_error" or openai_error(body)["code"]
 
@@ -68,11 +72,17 @@ def test_a_real_answer_through_nginx(host, hostvar):
     assert key, "set llmhost_check_api_key in the inventory (a key the checks may use)"
     port = hostvar("nginx_listen_port", 8000)
     model = hostvar("vllm_served_model_name")
-    body = json.dumps({"model": model, "max_tokens": 4,
-                       "messages": [{"role": "user", "content": "Say hello"}]})
-    status, headers, answer = http(host, "POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                                   headers={"Authorization": f"Bearer {key}"}, body=body,
-                                   timeout=120)
+    body = json.dumps(
+        {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Say hello"}]}
+    )
+    status, headers, answer = http(
+        host,
+        "POST",
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        body=body,
+        timeout=120,
+    )
     assert status == 200, answer
     parsed = json.loads(answer)
     assert parsed["usage"]["completion_tokens"] >= 1

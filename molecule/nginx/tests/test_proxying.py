@@ -43,8 +43,13 @@ def test_stream_chunks_arrive_before_the_response_ends(host):
 def test_request_reaches_the_gateway_with_forwarding_headers(host):
     from conftest import http
 
-    status, headers, body = http(host, "POST", "http://127.0.0.1:8000/v1/echo",
-                                 headers={"X-Request-ID": "req-abc-123"}, body='{"model": "m"}')
+    status, headers, body = http(
+        host,
+        "POST",
+        "http://127.0.0.1:8000/v1/echo",
+        headers={"X-Request-ID": "req-abc-123"},
+        body='{"model": "m"}',
+    )
     assert status == 200
     seen = json.loads(body)
     assert seen["path"] == "/v1/echo"

@@ -18,12 +18,16 @@ STACK = "llmhost-stack"
 
 @pytest.fixture(scope="module")
 def stack(host):
-    return host.get_host(f"ansible://{STACK}", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+    return host.get_host(
+        f"ansible://{STACK}", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"]
+    )
 
 
 @pytest.fixture(scope="module")
 def probe(host):
-    return host.get_host("ansible://llmhost-probe", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+    return host.get_host(
+        "ansible://llmhost-probe", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +138,22 @@ def _converge(extra_vars: dict) -> subprocess.CompletedProcess:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(extra_vars, f)
     return subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO / "converge.yml"),
-         "--tags", "llm_proxy", "--limit", STACK, "-e", f"@{f.name}"],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            "ansible-playbook",
+            "-i",
+            os.environ["MOLECULE_INVENTORY_FILE"],
+            str(SCENARIO / "converge.yml"),
+            "--tags",
+            "llm_proxy",
+            "--limit",
+            STACK,
+            "-e",
+            f"@{f.name}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
 
 
