@@ -83,8 +83,10 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] == "lifespan":
             while True:
                 msg = await receive()
-                done = msg["type"].replace(".startup", ".startup.complete").replace(
-                    ".shutdown", ".shutdown.complete"
+                done = (
+                    msg["type"]
+                    .replace(".startup", ".startup.complete")
+                    .replace(".shutdown", ".shutdown.complete")
                 )
                 await send({"type": done})
                 if msg["type"] == "lifespan.shutdown":

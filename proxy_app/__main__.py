@@ -45,6 +45,8 @@ def _serve(config: Config) -> int:
             log_config=None,
             access_log=False,
             server_header=False,
+            # The gateway reads X-Forwarded-For itself, from trusted_proxies only.
+            proxy_headers=False,
             # Longer than nginx's upstream keepalive_timeout (60 s), so nginx never reuses a
             # connection the gateway is closing: that race turns into 502s on POSTs.
             timeout_keep_alive=config.keep_alive_timeout,

@@ -160,9 +160,12 @@ class Gateway:
             self.log.log("info", "keys_reloaded", source=source, keys=result.keys)
         else:
             self.log.log(
-                "error", "keys_reload_refused", source=source, error=result.message,
+                "error",
+                "keys_reload_refused",
+                source=source,
+                error=result.message,
                 keys_in_force=result.keys,
-            )  # fmt: skip
+            )
         return result
 
     async def _watch_keys(self) -> None:
@@ -264,9 +267,12 @@ class Gateway:
             info.error = "client_disconnect"
         except Exception:
             self.log.log(
-                "error", "unhandled_error", request_id=info.request_id,
-                path=path, traceback=traceback.format_exc(),
-            )  # fmt: skip
+                "error",
+                "unhandled_error",
+                request_id=info.request_id,
+                path=path,
+                traceback=traceback.format_exc(),
+            )
             if not info.response_started:
                 await respond_error(send, info, internal_error())
             else:

@@ -285,13 +285,8 @@ class Proxy:
 
         async def watch_disconnect() -> None:
             nonlocal gone
-            import sys
-            t00 = time.perf_counter()
-            while True:
-                m = await receive()
-                print("WATCH", info.request_id, m["type"], round((time.perf_counter()-t00)*1000,1), file=sys.stderr, flush=True)
-                if m["type"] == "http.disconnect":
-                    break
+            while (await receive())["type"] != "http.disconnect":
+                pass
             gone = True
             # Closing the connection is how vLLM learns to stop generating.
             resp.abort()

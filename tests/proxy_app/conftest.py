@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from proxy_harness import (
     HERE,
     REPO,
     Gateway,
+    GatewayFactory,
     Upstream,
     default_keys,
     free_port,
@@ -22,8 +23,6 @@ from proxy_harness import (
     wait_for,
     wait_http_ok,
 )
-
-GatewayFactory = Callable[..., Gateway]
 
 
 @pytest.fixture(scope="session")
@@ -52,12 +51,25 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     # cpu_attention_with_kv_cache). float32 takes the AVX-512 kernel.
     proc = start(
         [
-            str(python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model), "--served-model-name", "tiny",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--enforce-eager", "--kv-cache-memory-bytes", "67108864",
-            "--max-model-len", "1024", "--dtype", "float32",
-        ],  # fmt: skip
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            "67108864",
+            "--max-model-len",
+            "1024",
+            "--dtype",
+            "float32",
+        ],
         log,
         env={"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
         group=True,
@@ -107,10 +119,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     d = tmp_path_factory.mktemp("redis")
     proc = start(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(d)],
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+        ],
         d / "redis.log",
-    )  # fmt: skip
+    )
     url = f"redis://127.0.0.1:{port}/0"
     try:
         import redis

@@ -25,7 +25,6 @@ import asyncio
 import json
 import sys
 
-
 import uvicorn
 
 STATS: dict[str, object] = {
@@ -120,7 +119,9 @@ async def app(scope, receive, send) -> None:
         await _json(send, 500, b"Internal Server Error: boom", b"text/plain")
         return
     if model == "fake-hang":
-        await asyncio.sleep(3600)
+        # Never answer; return only once the caller has given up.
+        while (await receive())["type"] != "http.disconnect":
+            pass
         return
     if not req.get("stream"):
         out = {"id": "x-1", "object": obj.replace(".chunk", ""), "model": model, "choices": []}
@@ -152,25 +153,44 @@ async def app(scope, receive, send) -> None:
         for i in range(n):
             if gone.is_set():
                 return
-            await send({"type": "http.response.body", "body": _chunk(i, model, obj), "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": _chunk(i, model, obj), "more_body": True}
+            )
             if delay:
                 await asyncio.sleep(delay)
         if model == "fake-drop":
             raise RuntimeError("fake upstream drops the connection")
         if model == "fake-stall":
-            await asyncio.sleep(3600)
+            await gone.wait()
+            return
         if (req.get("stream_options") or {}).get("include_usage"):
-            u = {"id": "x-1", "object": obj, "created": 1, "model": model, "choices": [],
-                 "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}}  # fmt: skip
-            await send({"type": "http.response.body", "body": b"data: " + json.dumps(u).encode() + b"\n\n", "more_body": True})
+            u = {
+                "id": "x-1",
+                "object": obj,
+                "created": 1,
+                "model": model,
+                "choices": [],
+                "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n},
+            }
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + json.dumps(u).encode() + b"\n\n",
+                    "more_body": True,
+                }
+            )
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
     finally:
         watcher.cancel()
 
 
-
 if __name__ == "__main__":
     uvicorn.run(
-        app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
-        loop="uvloop", http="httptools", lifespan="on",
-    )  # fmt: skip
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+    )

@@ -244,8 +244,20 @@ class Gateway:
             return {row["user"]: row for row in r.json()["data"]}
 
 
+GatewayFactory = Callable[..., Gateway]
+
+
+def keys_with(**limits: Any) -> list[dict[str, Any]]:
+    """The admin key, and the user key with these settings."""
+    return [
+        {"key": ADMIN_KEY, "user": "admin", "admin": True},
+        {"key": USER_KEY, "user": "user1", **limits},
+    ]
+
+
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """The value of one sample in Prometheus exposition text."""
+    """The sum of the samples of ``name`` whose labels include ``labels``; None if none."""
+    total: float | None = None
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
             continue
@@ -259,5 +271,5 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
                 k, v = part.split("=", 1)
                 got[k] = v.strip('"')
         if all(got.get(k) == v for k, v in (labels or {}).items()):
-            return float(value)
-    return None
+            total = (total or 0.0) + float(value)
+    return total

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from proxy_harness import ADMIN_KEY, USER_KEY, Gateway, Upstream, metric_value, wait_for
+from proxy_harness import ADMIN_KEY, USER_KEY, Gateway, Upstream, metric_value
 
 RESTRICTED_KEY = "sk-restricted-0123456789"
 # ignore_eos makes the random model produce exactly max_tokens tokens.
@@ -71,7 +71,9 @@ def test_chat_completion_counts_vllm_tokens(gw: Gateway, client: openai.OpenAI) 
 
 
 def test_completion(gw: Gateway, client: openai.OpenAI) -> None:
-    resp = client.completions.create(model="tiny", prompt="Once upon", max_tokens=4, extra_body=EXACT)
+    resp = client.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=4, extra_body=EXACT
+    )
     assert resp.usage is not None and resp.usage.completion_tokens == 4
     assert isinstance(resp.choices[0].text, str)
 
@@ -181,37 +183,6 @@ def test_usage_is_in_sqlite(gw: Gateway, client: openai.OpenAI) -> None:
     finally:
         db.close()
     assert row == (api["requests"], api["prompt_tokens"], api["completion_tokens"])
-
-
-def test_client_disconnect_cancels_vllm_and_charges_tokens(gw: Gateway, vllm: Upstream) -> None:
-    def vllm_metric(name: str) -> float:
-        with httpx.Client(trust_env=False) as c:
-            return metric_value(c.get(vllm.url + "/metrics").text, name) or 0.0
-
-    generated_before = vllm_metric("vllm:generation_tokens_total")
-    before = _user_usage(gw)
-    with gw.client(USER_KEY) as c:
-        with c.stream(
-            "POST",
-            "/v1/completions",
-            json={"model": "tiny", "prompt": "go", "max_tokens": 1000, "stream": True, **EXACT},
-        ) as r:
-            rid = r.headers["x-request-id"]
-            seen = 0
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    seen += 1
-                if seen == 3:
-                    break
-    line = gw.request_log(rid)
-    assert line["status"] == 499 and line["error"] == "client_disconnect"
-    assert line["tokens_estimated"] is True
-    assert line["completion_tokens"] >= 3
-    after = _user_usage(gw)
-    assert after["completion_tokens"] - before["completion_tokens"] == line["completion_tokens"]
-    # vLLM stopped: nothing running, and far fewer than 1000 tokens were generated.
-    wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 30, "vLLM to go idle")
-    assert vllm_metric("vllm:generation_tokens_total") - generated_before < 1000
 
 
 def test_metrics_after_traffic(gw: Gateway, client: openai.OpenAI) -> None:

@@ -63,9 +63,12 @@ def test_nginx_serves_another_host(probe, demo_key):
     result = _curl(probe, f"http://{STACK}:8000/v1/models", f"Authorization: Bearer {demo_key}")
     assert result.stdout == "200"
     # vLLM's own unguarded paths stay out of reach through nginx too.
-    for path in ("/invocations", "/tokenize", "/pause", "/metrics"):
+    for path in ("/invocations", "/tokenize", "/pause", "/v1/load_lora_adapter"):
         result = _curl(probe, f"http://{STACK}:8000{path}")
         assert result.stdout in ("403", "404"), path
+    # The probe is the monitoring host: nginx lets it scrape both metrics paths.
+    for path in ("/metrics", "/metrics/vllm"):
+        assert _curl(probe, f"http://{STACK}:8000{path}").stdout == "200", path
 
 
 STREAM = textwrap.dedent(

@@ -1,0 +1,94 @@
+"""The command line: check-config, new-key, and refusing to start on a bad config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+BIN = Path(sys.executable).parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy_app", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def _config(tmp_path: Path, **overrides: object) -> Path:
+    keys = tmp_path / "keys.json"
+    if not keys.exists():
+        keys.write_text(json.dumps({"keys": [{"key": "sk-abcdefgh12", "user": "u"}]}))
+    conf = {"api_keys_file": "keys.json", "state_dir": str(tmp_path / "state"), **overrides}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    r = _run("check-config", "--config", str(_config(tmp_path, rate_limit={"qps": 5})))
+    assert r.returncode == 0, r.stderr
+    assert "1 keys" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"vllm_port": "abc"}, "vllm_port"),
+        ({"vllm_port": 70000}, "vllm_port"),
+        ({"vllm_prot": 8000}, "vllm_prot"),
+        ({"rate_limit": {"qps": -1}}, "rate_limit.qps"),
+        ({"rate_limit": {"rps": 1}}, "rate_limit.rps"),
+        ({"timeouts": {"connect": 0}}, "timeouts.connect"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"trusted_proxies": ["not-a-net"]}, "trusted_proxies.0"),
+        ({"redis_url": "http://x"}, "redis_url"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path: Path, overrides: dict, field: str) -> None:
+    path = _config(tmp_path, **overrides)
+    for args in (("check-config", "--config", str(path)), ("--config", str(path))):
+        r = _run(*args)
+        assert r.returncode == 2
+        assert field in r.stderr, r.stderr
+
+
+def test_bad_keys_file_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / "keys.json").write_text('{"keys": [{"key": "sk-abcdefgh12"}]}')
+    r = _run("--config", str(_config(tmp_path)))
+    assert r.returncode == 2 and "keys.0.user" in r.stderr
+
+
+def test_missing_keys_file(tmp_path: Path) -> None:
+    path = _config(tmp_path, api_keys_file="nope.json")
+    r = _run("check-config", "--config", str(path))
+    assert r.returncode == 2 and "nope.json" in r.stderr
+
+
+def test_new_key(tmp_path: Path) -> None:
+    r = _run("new-key", "--json")
+    assert r.returncode == 0
+    out = json.loads(r.stdout)
+    assert out["key"].startswith("sk-") and len(out["key"]) > 40
+    assert out["key_sha256"] == hashlib.sha256(out["key"].encode()).hexdigest()
+    # The printed hash works as a keys file entry.
+    (tmp_path / "keys.json").write_text(
+        json.dumps({"keys": [{"key_sha256": out["key_sha256"], "user": "u"}]})
+    )
+    assert _run("check-config", "--config", str(_config(tmp_path))).returncode == 0
+    assert _run("new-key").stdout != _run("new-key").stdout
+
+
+def test_console_script(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [str(BIN / "llm-proxy"), "check-config", "--config", str(_config(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,200 @@
+"""Rate limits, concurrency, tokens per minute and quotas (in memory), against the fake."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from proxy_harness import (
+    ADMIN_KEY,
+    USER_KEY,
+    Gateway,
+    GatewayFactory,
+    Upstream,
+    keys_with,
+    metric_value,
+    wait_for,
+)
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _post(gw: Gateway, body: dict | None = None, key: str = USER_KEY) -> httpx.Response:
+    with gw.client(key) as c:
+        return c.post("/v1/chat/completions", json=body or CHAT)
+
+
+def _first_429(gw: Gateway, attempts: int = 60) -> httpx.Response:
+    """Send requests back to back until one is refused (the limit is far below ``attempts``)."""
+    with gw.client(USER_KEY) as c:
+        for _ in range(attempts):
+            r = c.post("/v1/chat/completions", json=CHAT)
+            if r.status_code == 429:
+                return r
+            assert r.status_code == 200, r.text
+    raise AssertionError(f"no 429 after {attempts} requests")
+
+
+@contextmanager
+def _held_stream(gw: Gateway) -> Iterator[httpx.Response]:
+    """A slow stream in flight (holding a concurrency slot) for the duration of the block."""
+    c = gw.client(USER_KEY)
+    body = {"model": "fake-slow", "prompt": "x", "stream": True}
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        # Keep the line iterator alive: dropping it would close the response.
+        lines = r.iter_lines()
+        next(lines)  # the stream has started: the slot is taken
+        yield r
+    c.close()
+
+
+def _assert_rate_limit_error(r: httpx.Response, kind: str) -> None:
+    assert r.status_code == 429
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == "rate_limit_exceeded"
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers[f"x-ratelimit-limit-{kind}"]
+    assert r.headers[f"x-ratelimit-remaining-{kind}"] == "0"
+    assert r.headers[f"x-ratelimit-reset-{kind}"]
+
+
+def test_key_qps_limit(gateway_factory: GatewayFactory, fake: Upstream) -> None:
+    gw = gateway_factory(fake, keys=keys_with(qps=3))
+    r = _first_429(gw)
+    _assert_rate_limit_error(r, "requests")
+    assert r.headers["x-ratelimit-limit-requests"] == "3"
+    assert "this API key" in r.json()["error"]["message"]
+    text = gw.metrics()
+    assert metric_value(text, "gateway_rejections_total", {"reason": "qps_key"}) >= 1
+    assert metric_value(text, "http_errors_total", {"type": "rate_limit"}) >= 1
+    line = gw.request_log(r.headers["x-request-id"])
+    assert line["limit"] == "qps_key" and line["status"] == 429
+
+
+def test_global_qps_limit(gateway_factory: GatewayFactory, fake: Upstream) -> None:
+    gw = gateway_factory(fake, rate_limit={"qps": 3, "concurrent": None, "tokens_per_minute": None})
+    r = _first_429(gw)
+    _assert_rate_limit_error(r, "requests")
+    assert "the service" in r.json()["error"]["message"]
+
+
+def test_key_concurrency_limit_and_release_on_success(
+    gateway_factory: GatewayFactory, fake: Upstream
+) -> None:
+    gw = gateway_factory(fake, keys=keys_with(concurrent=1))
+    with _held_stream(gw):
+        r = _post(gw)
+        _assert_rate_limit_error(r, "requests")
+        assert r.headers["x-ratelimit-limit-requests"] == "1"
+        assert gw.request_log(r.headers["x-request-id"])["limit"] == "concurrency_key"
+    # Slot released when the client left; a finished request releases it too.
+    wait_for(lambda: _post(gw).status_code == 200, 10, "the slot to come back")
+    assert _post(gw).status_code == 200
+    assert metric_value(gw.metrics(), "http_active_requests") == 1.0  # the /metrics call itself
+
+
+def test_global_concurrency_limit(gateway_factory: GatewayFactory, fake: Upstream) -> None:
+    gw = gateway_factory(fake, rate_limit={"concurrent": 1})
+    with _held_stream(gw):
+        r = _post(gw, key=ADMIN_KEY)
+        assert r.status_code == 429
+        assert "the service" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("model", "status"),
+    [("fake-500", 500), ("fake-hang", 504), ("fake-drop", 200), ("fake-stall", 200)],
+)
+def test_concurrency_slot_released_on_failures(
+    gateway_factory: GatewayFactory, fake: Upstream, model: str, status: int
+) -> None:
+    gw = gateway_factory(
+        fake,
+        keys=keys_with(concurrent=1),
+        timeouts={"connect": 2, "first_byte": 0.5, "read": 0.5, "total": 30},
+    )
+    stream = model in ("fake-drop", "fake-stall")
+    with gw.client(USER_KEY) as c:
+        r = c.post("/v1/completions", json={"model": model, "prompt": "x", "stream": stream})
+    assert r.status_code == status
+    # The failed request must have given its slot back: the next one is served.
+    assert _post(gw).status_code == 200
+
+
+def test_tokens_per_minute(gateway_factory: GatewayFactory, fake: Upstream) -> None:
+    # Each fake answer costs 12 tokens: the first passes, then the minute's budget is spent.
+    gw = gateway_factory(fake, keys=keys_with(tokens_per_minute=10))
+    assert _post(gw).status_code == 200
+    r = _post(gw)
+    _assert_rate_limit_error(r, "tokens")
+    assert r.headers["x-ratelimit-limit-tokens"] == "10"
+    assert r.json()["error"]["type"] == "tokens"
+    assert gw.request_log(r.headers["x-request-id"])["limit"] == "tpm_key"
+
+
+def test_quota_exhausted(gateway_factory: GatewayFactory, fake: Upstream) -> None:
+    gw = gateway_factory(fake, keys=keys_with(quota=20))
+    assert _post(gw).status_code == 200  # 12 tokens
+    assert _post(gw).status_code == 200  # 24: over, but it was admitted at 12
+    r = _post(gw)
+    assert r.status_code == 429
+    err = r.json()["error"]
+    assert err["type"] == "insufficient_quota" and err["code"] == "insufficient_quota"
+    assert r.headers["x-should-retry"] == "false"
+    assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+    usage = gw.usage(ADMIN_KEY)["user1"]
+    assert usage["remaining"] == 0 and usage["period_usage"]["total_tokens"] == 24
+    assert metric_value(gw.metrics(), "gateway_rejections_total", {"reason": "quota"}) == 1.0
+
+
+def test_monthly_quota_says_when_it_resets(gateway_factory: GatewayFactory, fake: Upstream) -> None:
+    gw = gateway_factory(fake, keys=keys_with(quota=1, quota_period="monthly"))
+    assert _post(gw).status_code == 200
+    r = _post(gw)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+    assert int(r.headers["retry-after"]) > 0
+    assert gw.usage(ADMIN_KEY)["user1"]["period"].startswith("month:")
+
+
+def test_key_defaults_apply_to_keys_without_own_limits(
+    gateway_factory: GatewayFactory, fake: Upstream
+) -> None:
+    keys = [
+        {"key": ADMIN_KEY, "user": "admin", "admin": True, "concurrent": None},
+        {"key": USER_KEY, "user": "user1"},
+    ]
+    gw = gateway_factory(fake, keys=keys, key_defaults={"concurrent": 1})
+    with _held_stream(gw):
+        assert _post(gw).status_code == 429
+        # The admin entry set its own (unlimited) concurrency: not affected by the default.
+        assert _post(gw, key=ADMIN_KEY).status_code == 200
+
+
+def test_concurrent_burst_never_exceeds_limit(
+    gateway_factory: GatewayFactory, fake: Upstream
+) -> None:
+    gw = gateway_factory(fake, keys=keys_with(concurrent=2))
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def stream_once() -> None:
+        with gw.client(USER_KEY) as c:
+            body = {"model": "fake-slow", "prompt": "x", "stream": True}
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                with lock:
+                    statuses.append(r.status_code)
+                if r.status_code == 200:
+                    # Hold the slot until every thread has its answer.
+                    wait_for(lambda: len(statuses) == 6, 20, "all answers")
+
+    threads = [threading.Thread(target=stream_once) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(statuses) == [200, 200, 429, 429, 429, 429]
