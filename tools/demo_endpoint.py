@@ -11,6 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from openai import OpenAI
@@ -18,14 +19,19 @@ from openai import OpenAI
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _first_gpu_host(inventory: str) -> str:
+def _groups(inventory: str) -> dict[str, list[str]]:
     out = subprocess.run(
         ["ansible-inventory", "-i", inventory, "--list"], check=True, capture_output=True, text=True
     ).stdout
-    hosts = json.loads(out).get("gpu", {}).get("hosts", [])
-    if not hosts:
-        sys.exit(f"no host in the gpu group of {inventory}")
-    return hosts[0]
+    return {name: group.get("hosts", []) for name, group in json.loads(out).items()}
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _address(container: str) -> str:
@@ -44,7 +50,10 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
 
-    host = _first_gpu_host(args.inventory)
+    groups = _groups(args.inventory)
+    if not groups.get("gpu"):
+        sys.exit(f"no host in the gpu group of {args.inventory}")
+    host = groups["gpu"][0]
     base_url = f"http://{_address(host)}:{args.port}/v1"
     key = "sk-" + (ROOT / ".cache" / "demo" / "demo-key").read_text().split()[0]
     client = OpenAI(base_url=base_url, api_key=key, timeout=60, max_retries=0)
@@ -57,6 +66,19 @@ def main() -> int:
     )
     print(f"OPENAI_BASE_URL={base_url}")
     print(f"OPENAI_API_KEY={key}")
+    for monitoring_host in groups.get("monitoring", [])[:1]:
+        address = _address(monitoring_host)
+        prometheus = f"http://{address}:9090"
+        if _answers(f"{prometheus}/-/ready"):
+            print(f"PROMETHEUS_URL={prometheus}")
+        grafana = f"http://{address}:3000"
+        if _answers(f"{grafana}/api/health"):
+            print(f"GRAFANA_URL={grafana}")
+        else:
+            print(
+                "# Grafana: not installed on this host (grafana_install_source: none)",
+                file=sys.stderr,
+            )
     return 0
 
 

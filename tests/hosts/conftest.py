@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-IN_MOLECULE = bool(os.environ.get("MOLECULE_SCENARIO_NAME"))
+# `make check` (tools/check_hosts.py) sets LLMHOST_CHECK: operators' hosts, read-only.
+READ_ONLY = os.environ.get("LLMHOST_CHECK") == "1"
+IN_MOLECULE = bool(os.environ.get("MOLECULE_SCENARIO_NAME")) and not READ_ONLY
+
+# Commands that would change a host. The checks never need one; in read-only
+# mode a test that tries is failed with this reason instead of running it.
+_MUTATING = re.compile(
+    r"\b(systemctl\s+(start|stop|restart|reload|enable|disable|mask|unmask|kill|daemon-reload)"
+    r"|apt(-get)?\s+(install|remove|purge|upgrade)|dpkg\s+-i|pip\s+(install|uninstall)"
+    r"|rm\s|mv\s|cp\s|chmod|chown|truncate|tee\s|sed\s+-i|kill\s|reboot|shutdown)"
+    r"|[^0-9&]>\s*(?!/dev/(null|stdout|stderr))\S"
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -24,6 +36,32 @@ def pytest_configure(config: pytest.Config) -> None:
         "molecule_only(reason): needs setup that only a Molecule scenario provides; "
         "skipped against real hosts",
     )
+
+
+class ReadOnlyHost:
+    """A testinfra host whose commands are refused when they would write."""
+
+    def __init__(self, host: Any) -> None:
+        self._host = host
+
+    def run(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        rendered = command % tuple(shlex.quote(str(a)) for a in args) if args else command
+        if _MUTATING.search(rendered):
+            pytest.fail(f"refused in read-only mode (make check changes no host): {rendered!r}")
+        return self._host.run(command, *args, **kwargs)
+
+    def ansible(self, module: str, module_args: str | None = None, **kwargs: Any) -> Any:
+        kwargs["check"] = True  # Ansible's check mode: report, never change
+        return self._host.ansible(module, module_args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
+
+
+@pytest.fixture
+def host(host: Any) -> Any:
+    """testinfra's host, made read-only under `make check`."""
+    return ReadOnlyHost(host) if READ_ONLY else host
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

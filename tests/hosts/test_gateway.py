@@ -30,7 +30,7 @@ def test_config_and_keys_files_are_private(host, hostvar):
         f = host.file(f"{config_dir}/{name}")
         assert f.user == "root", name
         assert f.group == group, name
-        assert f.mode == 0o640, name
+        assert f.mode == 0o640, f"{f.path} has mode {f.mode:#o}, expected 0o640"
 
 
 def test_no_plaintext_key_on_disk(host, hostvar):

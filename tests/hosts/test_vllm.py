@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 testinfra_hosts = ["ansible://gpu"]
 
@@ -55,3 +58,15 @@ def test_vllm_refuses_requests_without_its_key(host, hostvar):
         body,
     )
     assert result.stdout == "401"
+
+
+@pytest.mark.molecule_only(reason="needs a second host on the serving network to probe from")
+def test_vllm_is_unreachable_from_another_host(host, hostvar):
+    inventory = os.environ["MOLECULE_INVENTORY_FILE"]
+    probe = host.get_host("ansible://llmhost-probe", ansible_inventory=inventory)
+    port = hostvar("vllm_port", 8002)
+    name = host.backend.get_hostname()
+    result = probe.run(
+        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{name}:{port}/health"
+    )
+    assert result.stdout == "000", f"vLLM answered {result.stdout} from another host"
