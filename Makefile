@@ -19,7 +19,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down \
-        lint test test-proxy test-molecule check bench clean
+        lint test test-rules test-proxy test-molecule check bench clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -73,13 +73,17 @@ lint: venv ## ruff, yamllint, ansible-lint (production profile), argument specs
 	ansible-lint
 	$(VENV)/bin/python tools/argument_specs.py --check
 
+test-rules: deps ## Alert rules: promtool check and unit tests
+	promtool check rules roles/prometheus/files/rules/llmhost.rules.yml
+	promtool test rules roles/prometheus/files/rules/tests/*.yml
+
 test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 	$(VENV)/bin/pytest tests/proxy_app
 
 test-molecule: setup ## Every Molecule scenario (real systemd hosts)
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
 
-test: lint test-proxy test-molecule ## Everything CI runs
+test: lint test-rules test-proxy test-molecule ## Everything CI runs
 
 check: venv ## Read-only host checks against INVENTORY=inventories/<env>
 	$(VENV)/bin/python tools/check_hosts.py --inventory $(INVENTORY)

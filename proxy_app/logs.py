@@ -14,8 +14,17 @@ import orjson
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
+_second: list[Any] = [-1, ""]
+
+
 def _timestamp(now: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    # The formatted second is cached: one log line per request would otherwise pay for
+    # strftime every time.
+    sec = int(now)
+    if sec != _second[0]:
+        _second[0] = sec
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int(now % 1 * 1000):03d}Z"
 
 
 class JsonLog:

@@ -1,19 +1,20 @@
 """Token usage per key, stored durably before a request counts as done; quota checks.
 
-Usage is kept as counters per key and period: ``total``, ``month:YYYY-MM`` and
-``day:YYYY-MM-DD`` (UTC), so a quota of any period is one lookup and the store stays small
-(one row per key and day). Two backends:
+Usage is counted per key and period: ``total``, ``month:YYYY-MM`` and ``day:YYYY-MM-DD``
+(UTC), so a quota of any period is one lookup. Two backends:
 
-* SQLite in the state dir (default). WAL journal; ``synchronous=NORMAL`` by default: a
-  commit has been written to the WAL file when it returns, so killing the gateway, even with
-  SIGKILL, loses no completed request; only an OS crash or power loss can drop the last
-  commits. ``sqlite_synchronous: full`` adds an fsync per request for that case too.
+* SQLite in the state dir (default): one row per key and day. WAL journal and
+  ``synchronous=NORMAL`` by default: a commit has been written to the WAL file when it
+  returns, so killing the gateway, even with SIGKILL, loses no completed request; only an OS
+  crash or power loss can drop the last commits. ``sqlite_synchronous: full`` adds an fsync
+  per request for that case too.
 * Redis, when the gateways share one (``redis_url``): counters in hashes updated in one
   MULTI/EXEC per request. Its durability is Redis' own: run it with ``appendonly yes``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sqlite3
 import time
@@ -32,14 +33,24 @@ if TYPE_CHECKING:
 Counters = list[int]
 
 
+_labels_cache: tuple[float, float, tuple[str, str, str]] = (0.0, 0.0, ("", "", ""))
+
+
 def period_labels(now: float) -> tuple[str, str, str]:
     """The three period labels a request at ``now`` counts in."""
+    global _labels_cache
+    start, end, labels = _labels_cache
+    if start <= now < end:
+        return labels
     t = time.gmtime(now)
-    return (
+    labels = (
         "total",
         f"month:{t.tm_year:04d}-{t.tm_mon:02d}",
         f"day:{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}",
     )
+    day_start = now - (t.tm_hour * 3600 + t.tm_min * 60 + t.tm_sec + now % 1)
+    _labels_cache = (day_start, day_start + 86400, labels)
+    return labels
 
 
 def quota_label(period: str, now: float) -> str:
@@ -101,36 +112,45 @@ class UsageStore(Protocol):
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
+CREATE TABLE IF NOT EXISTS usage_daily (
     key_id TEXT NOT NULL,
-    period TEXT NOT NULL,
+    day TEXT NOT NULL,
     user TEXT NOT NULL,
     requests INTEGER NOT NULL DEFAULT 0,
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL,
-    PRIMARY KEY (key_id, period)
+    PRIMARY KEY (key_id, day)
 ) WITHOUT ROWID
 """
 
 _UPSERT = """
-INSERT INTO usage (key_id, period, user, requests, prompt_tokens, completion_tokens, updated_at)
-VALUES (?, ?, ?, 1, ?, ?, ?)
-ON CONFLICT (key_id, period) DO UPDATE SET
+INSERT INTO usage_daily (key_id, day, user, requests, prompt_tokens, completion_tokens, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (key_id, day) DO UPDATE SET
     user = excluded.user,
-    requests = requests + 1,
+    requests = requests + excluded.requests,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
     updated_at = excluded.updated_at
 """
 
+_SUM = (
+    "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(prompt_tokens), 0), "
+    "COALESCE(SUM(completion_tokens), 0) FROM usage_daily WHERE key_id = ?"
+)
+
 
 class SqliteUsageStore:
-    """Usage in ``<state_dir>/usage.sqlite3``, with the counters of use cached in memory.
+    """Usage in ``<state_dir>/usage.sqlite3``: one row per key and UTC day.
 
-    Writes run on the event loop: a WAL commit without fsync costs tens of microseconds,
-    less than handing it to a thread would. The cache is exact because this process is the
-    only writer (a shared store across gateways is what the Redis backend is for).
+    Writes run on the event loop, grouped: the requests that end in the same turn of the
+    loop share one transaction (one upsert per key and day, one commit), and each returns once
+    that commit is done. A WAL commit without fsync costs tens of microseconds, less than
+    handing it to a thread would. Month and total
+    counters are sums of days, read once per key and then kept in memory; the cache is exact
+    because this process is the only writer (a store shared by gateways is what the Redis
+    backend is for).
     """
 
     def __init__(self, state_dir: Path, synchronous: str = "normal") -> None:
@@ -138,6 +158,7 @@ class SqliteUsageStore:
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._cache: dict[tuple[str, str], Counters] = {}
+        self._pending: list[tuple[ApiKey, int, int, float, asyncio.Future[None]]] = []
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,12 +176,16 @@ class SqliteUsageStore:
 
     def _load(self, key_id: str, label: str) -> Counters:
         assert self._db is not None
-        row = self._db.execute(
-            "SELECT requests, prompt_tokens, completion_tokens FROM usage "
-            "WHERE key_id = ? AND period = ?",
-            (key_id, label),
-        ).fetchone()
-        c = [row[0], row[1], row[2]] if row else [0, 0, 0]
+        if label == "total":
+            row = self._db.execute(_SUM, (key_id,)).fetchone()
+        elif label.startswith("month:"):
+            month = label[6:]
+            row = self._db.execute(
+                _SUM + " AND day >= ? AND day <= ?", (key_id, month + "-01", month + "-31")
+            ).fetchone()
+        else:
+            row = self._db.execute(_SUM + " AND day = ?", (key_id, label[4:])).fetchone()
+        c = [row[0], row[1], row[2]]
         self._cache[(key_id, label)] = c
         return c
 
@@ -169,22 +194,56 @@ class SqliteUsageStore:
         return c if c is not None else self._load(key_id, label)
 
     async def record(self, key: ApiKey, prompt: int, completion: int, now: float) -> None:
+        # Group commit: records made in the same turn of the event loop share one
+        # transaction, which is committed before any of them returns.
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((key, prompt, completion, now, fut))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        await fut
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
         db = self._db
-        assert db is not None
-        labels = period_labels(now)
-        rows = [(key.key_id, p, key.user, prompt, completion, now) for p in labels]
-        counters = [self._get(key.key_id, p) for p in labels]
-        db.execute("BEGIN IMMEDIATE")
+        rows: dict[tuple[str, str], list[Any]] = {}
         try:
-            db.executemany(_UPSERT, rows)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        for c in counters:
-            c[0] += 1
-            c[1] += prompt
-            c[2] += completion
+            assert db is not None
+            for key, prompt, completion, now, _ in pending:
+                labels = period_labels(now)
+                # Load the counters before writing, so the new rows are not counted twice.
+                for label in labels:
+                    self._get(key.key_id, label)
+                row = rows.get((key.key_id, labels[2]))
+                if row is None:
+                    rows[(key.key_id, labels[2])] = [
+                        key.key_id, labels[2][4:], key.user, 1, prompt, completion, now
+                    ]  # fmt: skip
+                else:
+                    row[3] += 1
+                    row[4] += prompt
+                    row[5] += completion
+                    row[6] = now
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_UPSERT, list(rows.values()))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except Exception as e:
+            for *_, fut in pending:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for key, prompt, completion, now, fut in pending:
+            for label in period_labels(now):
+                c = self._cache.get((key.key_id, label))
+                if c is not None:
+                    c[0] += 1
+                    c[1] += prompt
+                    c[2] += completion
+            if not fut.done():
+                fut.set_result(None)
         # Keep the cache to the periods in use: older days and months are read from disk.
         if len(self._cache) > 4096:
             self._cache.clear()

@@ -177,8 +177,8 @@ def test_usage_is_in_sqlite(gw: Gateway, client: openai.OpenAI) -> None:
     db = sqlite3.connect(gw.state_dir / "usage.sqlite3")
     try:
         row = db.execute(
-            "SELECT requests, prompt_tokens, completion_tokens FROM usage "
-            "WHERE user = 'user1' AND period = 'total'"
+            "SELECT SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) "
+            "FROM usage_daily WHERE user = 'user1'"
         ).fetchone()
     finally:
         db.close()
