@@ -91,8 +91,8 @@ class HostTable:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inventory", required=True, help="inventory directory or file")
-    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -k nginx)")
-    args = parser.parse_args()
+    # Anything else goes to pytest as is (e.g. -k nginx, -x).
+    args, pytest_args = parser.parse_known_args()
 
     os.environ["LLMHOST_CHECK"] = "1"  # read-only mode of tests/hosts/conftest.py
     table = HostTable(_host_groups(args.inventory))
@@ -105,7 +105,7 @@ def main() -> int:
             "no:cacheprovider",
             "-q",
             "-rfEs",
-            *args.pytest_args,
+            *pytest_args,
         ],
         plugins=[table],
     )

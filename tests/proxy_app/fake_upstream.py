@@ -7,7 +7,7 @@ behaviour:
 
   fake            normal answer; usage prompt=7, completion=5 (streamed: 5 chunks)
   fake-slow       streamed: 200 chunks, one every 50 ms (for client disconnects)
-  fake-drop       streamed: 3 chunks, then the connection is cut
+  fake-drop       streamed: 3 chunks, then the connection is cut (not streamed: half a body)
   fake-stall      streamed: 2 chunks, then silence
   fake-500        500 with a plain-text body
   fake-hang       never answers
@@ -123,6 +123,17 @@ async def app(scope, receive, send) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         return
+    if model == "fake-drop" and not req.get("stream"):
+        # Headers and half a body, then the connection is cut.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"id": "x-1", ', "more_body": True})
+        raise RuntimeError("fake upstream drops the connection")
     if not req.get("stream"):
         out = {"id": "x-1", "object": obj.replace(".chunk", ""), "model": model, "choices": []}
         if model != "fake-nousage":

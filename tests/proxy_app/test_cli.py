@@ -92,3 +92,9 @@ def test_console_script(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_shipped_examples_are_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "proxy_app" / "config.example.yaml"
+    r = _run("check-config", "--config", str(example))
+    assert r.returncode == 0, r.stderr

@@ -52,6 +52,13 @@ def test_vllm_hanging_is_504(gw: Gateway) -> None:
     assert metric_value(gw.metrics(), "http_errors_total", {"type": "upstream_timeout"}) == 1.0
 
 
+def test_vllm_dropping_the_connection_is_502(gw: Gateway) -> None:
+    with gw.client(USER_KEY) as c:
+        r = c.post("/v1/completions", json={"model": "fake-drop", "prompt": "x"})
+    assert r.status_code == 502
+    assert _error(r)["code"] == "upstream_error"
+
+
 def test_vllm_500_is_passed_in_openai_shape(gw: Gateway) -> None:
     with gw.client(USER_KEY) as c:
         r = c.post("/v1/completions", json={"model": "fake-500", "prompt": "x"})

@@ -1,0 +1,404 @@
+"""Benchmark: the gateway against direct access and against LiteLLM's proxy, on loopback.
+
+One run starts a fast vLLM-shaped upstream (bench/upstream.py), the gateway in front of it
+with every control on, and LiteLLM's proxy in front of the same upstream, then drives each
+with wrk at several concurrencies, non-streamed and streamed, and measures the gateway's
+resident memory before and after many requests. The figures go to bench/RESULTS.md.
+
+Usage: python bench/run.py [--duration 10] [--concurrency 1,8,32] [--rss-requests 50000]
+                           [--litellm-venv .cache/bench-litellm] [--no-litellm]
+
+Needs wrk (apt-get install wrk) and, for the LiteLLM column, a venv holding
+``litellm[proxy]`` (see bench/README.md). Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+KEY = "sk-bench-0123456789abcdef"
+LITELLM_KEY = "sk-litellm-master-0123456789"
+BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not answer {url} within {timeout}s")
+
+
+@contextlib.contextmanager
+def process(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a process for the duration of the block; it is stopped by its own pid."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    if not m:
+        raise ValueError(f"cannot read wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk_script(workdir: Path, name: str, auth: str | None, stream: bool) -> Path:
+    body = dict(BODY, stream=True) if stream else BODY
+    lines = [
+        'wrk.method = "POST"',
+        f"wrk.body = {json.dumps(json.dumps(body))}",
+        'wrk.headers["Content-Type"] = "application/json"',
+    ]
+    if auth:
+        lines.append(f'wrk.headers["Authorization"] = "Bearer {auth}"')
+    path = workdir / f"{name}.lua"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wrk(url: str, script: Path, conns: int, seconds: float) -> Run:
+    out = subprocess.run(
+        # A long timeout: a slow answer must count in the latency, not vanish as an error.
+        [
+            "wrk",
+            "-t1",
+            f"-c{conns}",
+            f"-d{seconds:g}s",
+            "--timeout",
+            "30s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    return Run(rps, p50, p99, errors, total)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def gateway_files(workdir: Path, upstream_port: int, port: int) -> Path:
+    keys = {
+        "keys": [
+            {
+                "key": KEY,
+                "user": "bench",
+                "quota": 10**15,
+                "qps": 1_000_000,
+                "concurrent": 10_000,
+                "tokens_per_minute": 10**12,
+            }
+        ]
+    }
+    (workdir / "keys.json").write_text(json.dumps(keys))
+    config = {
+        "vllm_host": "127.0.0.1",
+        "vllm_port": upstream_port,
+        "fastapi_host": "127.0.0.1",
+        "fastapi_port": port,
+        "api_keys_file": str(workdir / "keys.json"),
+        "state_dir": str(workdir / "state"),
+        "rate_limit": {"qps": 1_000_000, "concurrent": 10_000, "tokens_per_minute": 10**12},
+        "log_level": "info",
+    }
+    path = workdir / "gateway.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def litellm_config(workdir: Path, upstream_port: int) -> Path:
+    config = {
+        "model_list": [
+            {
+                "model_name": "tiny",
+                "litellm_params": {
+                    "model": "openai/tiny",
+                    "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+                    "api_key": "none",
+                },
+            }
+        ],
+        "general_settings": {"master_key": LITELLM_KEY},
+        "litellm_settings": {"telemetry": False},
+    }
+    path = workdir / "litellm.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def measure(
+    targets: dict[str, tuple[str, str | None]],
+    workdir: Path,
+    conns: list[int],
+    seconds: float,
+) -> dict[tuple[str, bool, int], Run]:
+    results: dict[tuple[str, bool, int], Run] = {}
+    for stream in (False, True):
+        for c in conns:
+            for name, (url, auth) in targets.items():
+                script = wrk_script(workdir, f"{name}-{stream}", auth, stream)
+                wrk(url, script, c, 2)  # warm-up
+                run = wrk(url, script, c, seconds)
+                results[(name, stream, c)] = run
+                kind = "stream" if stream else "plain"
+                print(
+                    f"{kind:6} c={c:<3} {name:8} {run.rps:9.0f} req/s  p50 {run.p50_ms:7.3f} ms"
+                    f"  p99 {run.p99_ms:8.3f} ms  errors {run.errors}",
+                    flush=True,
+                )
+    return results
+
+
+def memory_run(url: str, workdir: Path, pid: int, total: int) -> list[tuple[int, float]]:
+    script = wrk_script(workdir, "rss", KEY, False)
+    points = [(0, rss_mib(pid))]
+    done = 0
+    for _ in range(2):
+        target = done + total
+        while done < target:
+            done += wrk(url, script, 32, 5).requests
+        points.append((done, rss_mib(pid)))
+        print(f"rss after {done} requests: {points[-1][1]:.1f} MiB", flush=True)
+    return points
+
+
+def write_results(
+    path: Path,
+    results: dict[tuple[str, bool, int], Run],
+    conns: list[int],
+    rss: list[tuple[int, float]],
+    seconds: float,
+    litellm_version: str | None,
+) -> None:
+    has_litellm = litellm_version is not None
+    lines = [
+        "# Gateway benchmark",
+        "",
+        f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loopback only. "
+        f"wrk -t1, {seconds:g} s per cell after a 2 s warm-up; all three targets in front of "
+        "the same upstream (bench/upstream.py: raw ASGI on uvicorn + httptools, answering a "
+        "vLLM-shaped chat completion at once; streamed: 8 chunks + usage + [DONE]).",
+        "",
+        "- **direct**: wrk to the upstream.",
+        "- **gateway**: llmhost proxy_app with every control on: key auth, global and per-key "
+        "QPS / concurrency / tokens-per-minute limits (high ceilings), quota check, usage "
+        "written to SQLite before each response ends, Prometheus metrics, one JSON log line "
+        "per request.",
+    ]
+    if has_litellm:
+        lines.append(
+            f"- **LiteLLM**: `litellm[proxy]=={litellm_version}` proxy, master-key auth, no "
+            "database, one worker."
+        )
+    lines += [
+        "",
+        "Added latency = target p50/p99 minus direct p50/p99 at the same concurrency "
+        "(streamed: time to the end of the stream).",
+        "",
+    ]
+    for stream in (False, True):
+        lines.append(f"## {'Streamed' if stream else 'Non-streamed'}")
+        lines.append("")
+        head = "| conns | direct req/s | gateway req/s |"
+        sep = "|---|---|---|"
+        if has_litellm:
+            head += " LiteLLM req/s | gateway / LiteLLM |"
+            sep += "---|---|"
+        head += " gateway added p50 | gateway added p99 |"
+        sep += "---|---|"
+        if has_litellm:
+            head += " LiteLLM added p50 | LiteLLM added p99 |"
+            sep += "---|---|"
+        head += " errors |"
+        sep += "---|"
+        lines += [head, sep]
+        for c in conns:
+            d = results[("direct", stream, c)]
+            g = results[("gateway", stream, c)]
+            row = f"| {c} | {d.rps:,.0f} | {g.rps:,.0f} |"
+            errors = d.errors + g.errors
+            if has_litellm:
+                lite = results[("litellm", stream, c)]
+                row += f" {lite.rps:,.0f} | {g.rps / lite.rps:.1f}x |"
+                errors += lite.errors
+            row += f" {g.p50_ms - d.p50_ms:.3f} ms | {g.p99_ms - d.p99_ms:.3f} ms |"
+            if has_litellm:
+                row += f" {lite.p50_ms - d.p50_ms:.3f} ms | {lite.p99_ms - d.p99_ms:.3f} ms |"
+            row += f" {errors} |"
+            lines.append(row)
+        lines.append("")
+    lines += [
+        "## Gateway memory (RSS)",
+        "",
+        "| requests served | RSS |",
+        "|---|---|",
+    ]
+    lines += [f"| {n:,} | {mib:.1f} MiB |" for n, mib in rss]
+    lines += [
+        "",
+        "Reproduce: `make bench` (see bench/README.md).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def litellm_version(python: Path) -> str:
+    out = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--rss-requests", type=int, default=50_000)
+    parser.add_argument("--litellm-venv", type=Path, default=REPO / ".cache/bench-litellm")
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install wrk", file=sys.stderr)
+        return 2
+    conns = [int(c) for c in args.concurrency.split(",")]
+    lite_python = args.litellm_venv / "bin/python"
+    use_litellm = not args.no_litellm
+    if use_litellm and not lite_python.exists():
+        print(
+            f"no LiteLLM venv at {args.litellm_venv}: run bench/setup_litellm.sh, "
+            "or pass --no-litellm",
+            file=sys.stderr,
+        )
+        return 2
+
+    workdir = BENCH / "results" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    workdir.mkdir(parents=True)
+    up_port, gw_port, lite_port = free_port(), free_port(), free_port()
+    py = sys.executable
+    with contextlib.ExitStack() as stack:
+        procs = {
+            "direct": stack.enter_context(
+                process([py, str(BENCH / "upstream.py"), str(up_port)], workdir / "upstream.log")
+            )
+        }
+        config = gateway_files(workdir, up_port, gw_port)
+        procs["gateway"] = stack.enter_context(
+            process([py, "-m", "proxy_app", "--config", str(config)], workdir / "gateway.log")
+        )
+        targets: dict[str, tuple[str, str | None]] = {
+            "direct": (f"http://127.0.0.1:{up_port}/v1/chat/completions", None),
+            "gateway": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", KEY),
+        }
+        version = None
+        if use_litellm:
+            version = litellm_version(lite_python)
+            lite_config = litellm_config(workdir, up_port)
+            procs["litellm"] = stack.enter_context(
+                process(
+                    [
+                        str(args.litellm_venv / "bin/litellm"),
+                        "--config",
+                        str(lite_config),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(lite_port),
+                        "--num_workers",
+                        "1",
+                    ],
+                    workdir / "litellm.log",
+                    env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"},
+                )
+            )
+            targets["litellm"] = (f"http://127.0.0.1:{lite_port}/v1/chat/completions", LITELLM_KEY)
+
+        health = {"direct": "/health", "gateway": "/health", "litellm": "/health/liveliness"}
+        for name, (url, _) in targets.items():
+            wait_http(url.rsplit("/v1/", 1)[0] + health[name], 120, procs[name], name)
+
+        results = measure(targets, workdir, conns, args.duration)
+        rss = memory_run(targets["gateway"][0], workdir, procs["gateway"].pid, args.rss_requests)
+    write_results(args.out, results, conns, rss, args.duration, version)
+    print(f"results written to {args.out}; logs in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
