@@ -136,6 +136,15 @@ def http(
     return status, parsed, result.stdout
 
 
+def assert_unit_healthy(host: Any, unit: str) -> None:
+    """The unit runs, starts at boot, and has not been restarted by systemd after crashes."""
+    service = host.service(unit)
+    assert service.is_running, f"{unit} is not running (systemctl status {unit})"
+    assert service.is_enabled, f"{unit} is not enabled"
+    restarts = host.run(f"systemctl show -p NRestarts --value {unit}").stdout.strip()
+    assert restarts == "0", f"{unit} restarted {restarts} times (journalctl -u {unit})"
+
+
 def openai_error(body: str) -> dict[str, Any]:
     """Parse an OpenAI-shaped error body and check its shape."""
     error = json.loads(body)["error"]

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 
-from conftest import http, openai_error
+from conftest import assert_unit_healthy, http, openai_error
 
 testinfra_hosts = ["ansible://gpu"]
 
 
 def test_gateway_is_active_enabled_and_stable(host):
-    service = host.service("llm-proxy")
-    assert service.is_running
-    assert service.is_enabled
-    restarts = host.run("systemctl show -p NRestarts --value llm-proxy").stdout.strip()
-    assert restarts == "0", f"llm-proxy restarted {restarts} times"
+    assert_unit_healthy(host, "llm-proxy")
 
 
 def test_gateway_listens_on_loopback_only(host, hostvar):

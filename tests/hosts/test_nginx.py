@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from conftest import http, openai_error
+from conftest import assert_unit_healthy, http, openai_error
 
 testinfra_hosts = ["ansible://gpu"]
 
 
 def test_nginx_is_active_enabled_and_stable(host):
-    service = host.service("nginx")
-    assert service.is_running
-    assert service.is_enabled
-    restarts = host.run("systemctl show -p NRestarts --value nginx").stdout.strip()
-    assert restarts == "0", f"nginx restarted {restarts} times"
+    assert_unit_healthy(host, "nginx")
 
 
 def test_nginx_configuration_is_valid(host):

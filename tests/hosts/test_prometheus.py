@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from conftest import assert_unit_healthy
+
 testinfra_hosts = ["ansible://monitoring"]
 
 
@@ -15,11 +17,7 @@ def _api(host, hostvar, path):
 
 
 def test_prometheus_is_active_enabled_and_stable(host):
-    service = host.service("prometheus")
-    assert service.is_running
-    assert service.is_enabled
-    restarts = host.run("systemctl show -p NRestarts --value prometheus").stdout.strip()
-    assert restarts == "0", f"prometheus restarted {restarts} times"
+    assert_unit_healthy(host, "prometheus")
 
 
 def test_prometheus_config_is_valid(host):

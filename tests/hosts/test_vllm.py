@@ -6,16 +6,13 @@ import json
 import os
 
 import pytest
+from conftest import assert_unit_healthy
 
 testinfra_hosts = ["ansible://gpu"]
 
 
 def test_vllm_is_active_enabled_and_stable(host):
-    service = host.service("vllm")
-    assert service.is_running
-    assert service.is_enabled
-    restarts = host.run("systemctl show -p NRestarts --value vllm").stdout.strip()
-    assert restarts == "0", f"vllm restarted {restarts} times"
+    assert_unit_healthy(host, "vllm")
 
 
 def test_vllm_listens_on_its_private_address_only(host, hostvar):
