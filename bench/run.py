@@ -221,16 +221,17 @@ def measure(
     return results
 
 
-def memory_run(url: str, workdir: Path, pid: int, total: int) -> list[tuple[int, float]]:
+def memory_run(url: str, workdir: Path, pid: int, total: int) -> list[tuple[str, float]]:
+    """RSS now, then after ``total`` more requests, twice."""
     script = wrk_script(workdir, "rss", KEY, False)
-    points = [(0, rss_mib(pid))]
+    points = [("after the throughput runs above", rss_mib(pid))]
     done = 0
     for _ in range(2):
         target = done + total
         while done < target:
             done += wrk(url, script, 32, 5).requests
-        points.append((done, rss_mib(pid)))
-        print(f"rss after {done} requests: {points[-1][1]:.1f} MiB", flush=True)
+        points.append((f"{done:,} requests later", rss_mib(pid)))
+        print(f"rss after {done} more requests: {points[-1][1]:.1f} MiB", flush=True)
     return points
 
 
@@ -238,7 +239,7 @@ def write_results(
     path: Path,
     results: dict[tuple[str, bool, int], Run],
     conns: list[int],
-    rss: list[tuple[int, float]],
+    rss: list[tuple[str, float]],
     seconds: float,
     litellm_version: str | None,
 ) -> None:
@@ -247,7 +248,8 @@ def write_results(
         "# Gateway benchmark",
         "",
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loopback only. "
+        f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.2f} at the end), "
+        f"Python {platform.python_version()}, loopback only. "
         f"wrk -t1, {seconds:g} s per cell after a 2 s warm-up; all three targets in front of "
         "the same upstream (bench/upstream.py: raw ASGI on uvicorn + httptools, answering a "
         "vLLM-shaped chat completion at once; streamed: 8 chunks + usage + [DONE]).",
@@ -266,7 +268,9 @@ def write_results(
     lines += [
         "",
         "Added latency = target p50/p99 minus direct p50/p99 at the same concurrency "
-        "(streamed: time to the end of the stream).",
+        "(streamed: time to the end of the stream). At 1 connection it is the cost of one "
+        "request; at 8 and 32 every server runs flat out and latency is mostly queueing "
+        "(connections / throughput).",
         "",
     ]
     for stream in (False, True):
@@ -303,10 +307,10 @@ def write_results(
     lines += [
         "## Gateway memory (RSS)",
         "",
-        "| requests served | RSS |",
+        "| when | RSS |",
         "|---|---|",
     ]
-    lines += [f"| {n:,} | {mib:.1f} MiB |" for n, mib in rss]
+    lines += [f"| {when} | {mib:.1f} MiB |" for when, mib in rss]
     lines += [
         "",
         "Reproduce: `make bench` (see bench/README.md).",
@@ -393,8 +397,10 @@ def main() -> int:
         for name, (url, _) in targets.items():
             wait_http(url.rsplit("/v1/", 1)[0] + health[name], 120, procs[name], name)
 
+        rss_fresh = rss_mib(procs["gateway"].pid)
         results = measure(targets, workdir, conns, args.duration)
-        rss = memory_run(targets["gateway"][0], workdir, procs["gateway"].pid, args.rss_requests)
+        rss = [("fresh, before any request", rss_fresh)]
+        rss += memory_run(targets["gateway"][0], workdir, procs["gateway"].pid, args.rss_requests)
     write_results(args.out, results, conns, rss, args.duration, version)
     print(f"results written to {args.out}; logs in {workdir}")
     return 0

@@ -47,7 +47,7 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.log = JsonLog(config.log_level)
+        self.log = JsonLog(config.log_level, config.log_file)
         self.keys = KeyStore(config.api_keys_file, config.key_defaults)
         self.client_address = ClientAddress(config.trusted_proxies)
         self._log_requests = LEVELS["info"] >= self.log.level
@@ -65,7 +65,6 @@ class Gateway:
     async def startup(self) -> None:
         """Open everything the gateway needs; raises if any part cannot start."""
         c = self.config
-        self.log = JsonLog(c.log_level, c.log_file)
         self.keys.load()
         self.metrics.keys_loaded.set(len(self.keys.keys))
         lease_ttl = c.timeouts.total + 60
@@ -209,9 +208,11 @@ class Gateway:
             raise upstream_unavailable("Not ready: the model server does not answer /health.")
         if self.limiter is not None and self.config.redis_url is not None:
             try:
-                await self.limiter.check()
+                ok = await self.limiter.check()
             except Exception:
-                raise upstream_unavailable("Not ready: Redis does not answer.") from None
+                ok = False
+            if not ok:
+                raise upstream_unavailable("Not ready: Redis does not answer.")
         body = orjson.dumps({"status": "ready", "upstream": "up", "keys": len(self.keys.keys)})
         await respond(send, info, 200, body)
 
@@ -324,6 +325,8 @@ class Gateway:
             record["tokens_estimated"] = True
         if info.upstream_ms is not None:
             record["upstream_ms"] = round(info.upstream_ms, 3)
+        if info.ttft_ms is not None:
+            record["ttft_ms"] = round(info.ttft_ms, 3)
         if info.error is not None:
             record["error"] = info.error
         self.log.write(record)

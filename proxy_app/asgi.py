@@ -45,6 +45,7 @@ class RequestInfo:
     limit: str | None = None
     error: str | None = None
     upstream_ms: float | None = None
+    ttft_ms: float | None = None
     response_started: bool = False
 
 

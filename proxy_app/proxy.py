@@ -179,16 +179,33 @@ class Proxy:
         info.model = req.model
         info.stream = req.stream
         check_model(key, req.model)
-        if key.quota is not None:
-            used = await self.usage.used(key, now)
-            if used >= key.quota:
-                raise quota_exhausted(key, used, now)
-        admission = await self.limiter.admit(key)
+        try:
+            if key.quota is not None:
+                used = await self.usage.used(key, now)
+                if used >= key.quota:
+                    raise quota_exhausted(key, used, now)
+            admission = await self.limiter.admit(key)
+        except ApiError:
+            raise
+        except Exception as e:
+            # Redis gone: refuse rather than serve without limits and quotas.
+            self.log.log("error", "limit_store_failed", request_id=info.request_id, error=repr(e))
+            raise ApiError(
+                503,
+                "The gateway cannot check limits right now; try again shortly.",
+                "server_error",
+                "limit_store_unavailable",
+                headers=[(b"retry-after", b"5")],
+            ) from None
         info.limit = "allowed"
         try:
             await self._forward(receive, send, info, key, req)
         finally:
-            await self.limiter.release(admission)
+            try:
+                await self.limiter.release(admission)
+            except Exception as e:
+                # The lease expires by itself (request timeout + margin).
+                self.log.log("error", "limit_release_failed", error=repr(e))
 
     async def _forward(
         self, receive: Receive, send: Send, info: RequestInfo, key: ApiKey, req: ParsedRequest
@@ -295,6 +312,7 @@ class Proxy:
         scanner = SseScanner(keep_usage=req.wants_usage)
         failure: UpstreamError | None = None
         first = True
+        cancelled = False
         try:
             while not gone:
                 try:
@@ -306,10 +324,15 @@ class Proxy:
                     break
                 if first:
                     first = False
-                    self._ttft[info.endpoint].observe(time.perf_counter() - t0)
+                    ttft = time.perf_counter() - t0
+                    info.ttft_ms = ttft * 1000
+                    self._ttft[info.endpoint].observe(ttft)
                 out = scanner.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+        except asyncio.CancelledError:
+            # The server is stopping: the tokens produced so far are still charged below.
+            cancelled = True
         finally:
             watcher.cancel()
             if not resp.done:
@@ -327,6 +350,8 @@ class Proxy:
             await self._charge(key, info, tokens[0], tokens[1], estimated)
         except ApiError as e:
             failure = failure or UpstreamError("broken", e.message)
+        if cancelled:
+            raise asyncio.CancelledError
 
         if gone:
             info.status = 499

@@ -15,7 +15,7 @@ slot must be held until the last chunk. The gateway takes each decision itself i
   MemoryStorage was measured at 90-130 us per request with high ceilings (a list insert at
   the front for every hit, expiry sweeps through thread hops), the gateway's whole latency
   budget; a deque of timestamps is exact and O(1) amortised. Tokens per minute are a sliding
-  log here: exact tokens used in the last 60 seconds.
+  window of one-second buckets here: the tokens used in the last 60 seconds.
 
 A request is admitted while its token windows are not exhausted; its tokens are charged when
 it ends, streamed or not.
@@ -199,32 +199,42 @@ class _Window:
 
 
 class _TokenLog:
-    """Exact sliding log of tokens charged in the last ``period`` seconds."""
+    """Tokens charged in the last ``period`` seconds, counted in one-second buckets.
 
-    __slots__ = ("log", "total")
+    Exact to the second, and bounded: at most ``period`` + 1 buckets however many requests
+    there are (a log of every request would hold hundreds of thousands of entries per minute
+    at full speed).
+    """
+
+    __slots__ = ("buckets", "total")
 
     def __init__(self) -> None:
-        self.log: deque[tuple[float, int]] = deque()
+        self.buckets: deque[list[int]] = deque()  # [second, tokens], oldest first
         self.total = 0
 
     def used(self, now: float, period: float) -> int:
-        log = self.log
-        cutoff = now - period
-        while log and log[0][0] <= cutoff:
-            self.total -= log.popleft()[1]
+        buckets = self.buckets
+        oldest = int(now) - int(period)
+        while buckets and buckets[0][0] <= oldest:
+            self.total -= buckets.popleft()[1]
         return self.total
 
     def charge(self, now: float, tokens: int) -> None:
-        self.log.append((now, tokens))
+        sec = int(now)
+        buckets = self.buckets
+        if buckets and buckets[-1][0] == sec:
+            buckets[-1][1] += tokens
+        else:
+            buckets.append([sec, tokens])
         self.total += tokens
 
     def reset_after(self, now: float, period: float, limit: int) -> float:
         """Seconds until enough tokens leave the window to admit a request again."""
         left = self.total
-        for ts, tokens in self.log:
+        for sec, tokens in self.buckets:
             left -= tokens
             if left < limit:
-                return ts + period - now
+                return max(0.0, sec + 1 + period - now)
         return 0.0
 
 

@@ -15,6 +15,7 @@ Usage is counted per key and period: ``total``, ``month:YYYY-MM`` and ``day:YYYY
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sqlite3
 import time
@@ -159,18 +160,63 @@ class SqliteUsageStore:
         self._db: sqlite3.Connection | None = None
         self._cache: dict[tuple[str, str], Counters] = {}
         self._pending: list[tuple[ApiKey, int, int, float, asyncio.Future[None]]] = []
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._writes = 0
+        self._hold: asyncio.Future[None] | None = None
+        self.checkpoint_interval = 1.0
+        self.wal_limit = 64 * 1024 * 1024
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = self._connect()
+        db.execute(_SCHEMA)
+        # Checkpoints copy the WAL into the database and fsync it: that can take long on a
+        # busy disk, so they run in a thread, never on the event loop between two requests.
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        self._db = db
+        self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         db.execute("PRAGMA busy_timeout=5000")
-        db.execute(_SCHEMA)
-        self._db = db
+        return db
+
+    async def _checkpoint_loop(self) -> None:
+        ckpt = await asyncio.to_thread(self._connect)
+        try:
+            while True:
+                await asyncio.sleep(self.checkpoint_interval)
+                if not self._writes:
+                    continue
+                self._writes = 0
+                # PASSIVE never waits for, nor blocks, the writer on the event loop.
+                _, frames, _ = await asyncio.to_thread(_checkpoint, ckpt, "PASSIVE")
+                if frames * 4096 < self.wal_limit:
+                    continue
+                # Under sustained load the writer never lets a passive checkpoint reach the
+                # end of the WAL, which then only grows. Now and then, writes are held (the
+                # event loop is not) while the WAL is checkpointed whole and truncated.
+                self._hold = asyncio.get_running_loop().create_future()
+                try:
+                    await asyncio.to_thread(_checkpoint, ckpt, "TRUNCATE")
+                finally:
+                    self._hold.set_result(None)
+                    self._hold = None
+                    if self._pending:
+                        asyncio.get_running_loop().call_soon(self._flush)
+        finally:
+            ckpt.close()
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
         if self._db is not None:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
             self._db = None
 
@@ -198,11 +244,13 @@ class SqliteUsageStore:
         # transaction, which is committed before any of them returns.
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((key, prompt, completion, now, fut))
-        if len(self._pending) == 1:
+        if len(self._pending) == 1 and self._hold is None:
             asyncio.get_running_loop().call_soon(self._flush)
         await fut
 
     def _flush(self) -> None:
+        if self._hold is not None or not self._pending:
+            return  # the end of the checkpoint flushes
         pending, self._pending = self._pending, []
         db = self._db
         rows: dict[tuple[str, str], list[Any]] = {}
@@ -227,6 +275,7 @@ class SqliteUsageStore:
             try:
                 db.executemany(_UPSERT, list(rows.values()))
                 db.execute("COMMIT")
+                self._writes += 1
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -254,6 +303,12 @@ class SqliteUsageStore:
 
     async def counters(self, key_id: str, labels: list[str]) -> dict[str, Counters]:
         return {label: list(self._get(key_id, label)) for label in labels}
+
+
+def _checkpoint(db: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
+    """Run a WAL checkpoint: (busy, frames in the WAL, frames checkpointed)."""
+    row = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 class RedisUsageStore:

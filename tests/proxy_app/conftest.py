@@ -1,4 +1,15 @@
-"""Fixtures for the gateway tests: real processes, started and stopped here."""
+"""Fixtures for the gateway tests: real processes, started and stopped here.
+
+What the tests need on the machine:
+
+- the vLLM CPU venv and the tiny model (``make vllm-env tiny-model``), found at
+  ``<repo>/.venv-vllm/bin/python`` and ``<repo>/.cache/tiny-model`` or through
+  ``LLMHOST_VLLM_PYTHON`` and ``LLMHOST_TINY_MODEL``; vLLM is started once per session;
+- ``redis-server`` (Debian package), started on a free port for the shared-limit tests;
+- the gateway itself, installed in the running venv (``pip install -e .``).
+
+Everything listens on 127.0.0.1 only.
+"""
 
 from __future__ import annotations
 

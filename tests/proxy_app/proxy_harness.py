@@ -127,18 +127,17 @@ def start(
 
 
 def wait_http_ok(proc: Proc, url: str, timeout: float, what: str) -> None:
-    """Wait until GET ``url`` answers 200, failing early if the process died."""
-
-    def up() -> bool:
-        if not proc.alive:
-            raise RuntimeError(f"{what} exited with {proc.popen.returncode}:\n{proc.output()}")
-        with httpx.Client(trust_env=False, timeout=2.0) as c:
-            return c.get(url).status_code == 200
-
-    try:
-        wait_for(up, timeout, what, interval=0.1)
-    except TimeoutError as e:
-        raise TimeoutError(f"{e}\n--- {what} output ---\n{proc.output()}") from None
+    """Wait until GET ``url`` answers 200; fail at once if the process exits."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False, timeout=2.0) as c:
+        while time.monotonic() < deadline:
+            if not proc.alive:
+                raise RuntimeError(f"{what} exited with {proc.popen.returncode}:\n{proc.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if c.get(url).status_code == 200:
+                    return
+            time.sleep(0.1)
+    raise TimeoutError(f"{what} did not answer {url} within {timeout}s:\n{proc.output()}")
 
 
 @dataclass

@@ -137,6 +137,14 @@ def test_tokens_per_minute(gateway_factory: GatewayFactory, fake: Upstream) -> N
     assert gw.request_log(r.headers["x-request-id"])["limit"] == "tpm_key"
 
 
+def test_global_tokens_per_minute(gateway_factory: GatewayFactory, fake: Upstream) -> None:
+    gw = gateway_factory(fake, rate_limit={"tokens_per_minute": 10})
+    assert _post(gw).status_code == 200
+    r = _post(gw, key=ADMIN_KEY)  # another key: the service's budget is spent all the same
+    _assert_rate_limit_error(r, "tokens")
+    assert gw.request_log(r.headers["x-request-id"])["limit"] == "tpm_global"
+
+
 def test_quota_exhausted(gateway_factory: GatewayFactory, fake: Upstream) -> None:
     gw = gateway_factory(fake, keys=keys_with(quota=20))
     assert _post(gw).status_code == 200  # 12 tokens

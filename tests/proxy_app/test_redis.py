@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
+import pytest
 import redis
 from proxy_harness import (
     ADMIN_KEY,
@@ -13,7 +16,9 @@ from proxy_harness import (
     Gateway,
     GatewayFactory,
     Upstream,
+    free_port,
     keys_with,
+    start,
     wait_for,
 )
 
@@ -99,3 +104,34 @@ def test_usage_is_in_redis(gateway_factory: GatewayFactory, fake: Upstream, redi
         assert client.hget(keys[0], "tokens") == b"12"
     finally:
         client.close()
+
+
+def test_redis_gone_is_503_not_unlimited(
+    gateway_factory: GatewayFactory, fake: Upstream, tmp_path: Path
+) -> None:
+    port = free_port()
+    own = start(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        tmp_path / "redis.log",
+    )  # fmt: skip
+    try:
+        client = redis.Redis(port=port)
+        wait_for(client.ping, 20, "redis-server")
+        client.close()
+        gw = gateway_factory(fake, redis_url=f"redis://127.0.0.1:{port}/0", keys=keys_with(qps=100))
+        assert _post(gw).status_code == 200
+    finally:
+        own.stop()
+    r = _post(gw)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "limit_store_unavailable"
+    with gw.client() as c:
+        assert c.get("/ready").status_code == 503
+
+
+def test_gateway_does_not_start_without_its_redis(
+    gateway_factory: GatewayFactory, fake: Upstream
+) -> None:
+    with pytest.raises(RuntimeError, match="exited"):
+        gateway_factory(fake, redis_url=f"redis://127.0.0.1:{free_port()}/0")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from proxy_harness import ADMIN_KEY, USER_KEY, Gateway, Upstream, metric_value
+from proxy_harness import ADMIN_KEY, USER_KEY, Gateway, Upstream, metric_value, wait_for
 
 RESTRICTED_KEY = "sk-restricted-0123456789"
 # ignore_eos makes the random model produce exactly max_tokens tokens.
@@ -183,6 +183,40 @@ def test_usage_is_in_sqlite(gw: Gateway, client: openai.OpenAI) -> None:
     finally:
         db.close()
     assert row == (api["requests"], api["prompt_tokens"], api["completion_tokens"])
+
+
+def test_client_disconnect_stops_vllm_and_charges_tokens(gw: Gateway, vllm: Upstream) -> None:
+    def vllm_metric(name: str) -> float:
+        with httpx.Client(trust_env=False) as c:
+            return metric_value(c.get(vllm.url + "/metrics").text, name) or 0.0
+
+    # n=4 x 1000 tokens keeps vLLM busy for a few seconds, far longer than the gateway needs
+    # to notice the client leaving. On 2 shared cores, though, vLLM's API process can be
+    # starved by its own engine and deliver a whole stream in one late burst; then the client
+    # had nothing to leave, and the attempt is made again.
+    body = {"model": "tiny", "prompt": "go", "max_tokens": 1000, "n": 4, "stream": True, **EXACT}
+    for _ in range(3):
+        wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to be idle")
+        generated_before = vllm_metric("vllm:generation_tokens_total")
+        before = _user_usage(gw)
+        with gw.client(USER_KEY) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            rid = r.headers["x-request-id"]
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen == 3:
+                    break
+        line = gw.request_log(rid)
+        if line["status"] != 200:
+            break
+    assert line["status"] == 499 and line["error"] == "client_disconnect"
+    assert line["tokens_estimated"] is True
+    assert line["completion_tokens"] >= 3
+    after = _user_usage(gw)
+    assert after["completion_tokens"] - before["completion_tokens"] == line["completion_tokens"]
+    # vLLM stopped generating: idle again, far fewer than 4 x 1000 tokens produced.
+    wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to go idle")
+    assert vllm_metric("vllm:generation_tokens_total") - generated_before < 4000
 
 
 def test_metrics_after_traffic(gw: Gateway, client: openai.OpenAI) -> None:
