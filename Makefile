@@ -88,7 +88,8 @@ test: lint test-rules test-proxy test-molecule ## Everything CI runs
 check: venv ## Read-only host checks against INVENTORY=inventories/<env>
 	$(VENV)/bin/python tools/check_hosts.py --inventory $(INVENTORY)
 
-bench: setup ## Gateway benchmark against direct and LiteLLM (not a test)
+bench: setup ## Gateway benchmark against direct and LiteLLM (not a test; bench/RESULTS.md)
+	bash bench/setup_litellm.sh $(CACHE)/bench-litellm
 	$(VENV)/bin/python bench/run.py
 
 clean: demo-down ## Remove the demo host; keep caches
