@@ -98,3 +98,29 @@ def test_shipped_examples_are_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "proxy_app" / "config.example.yaml"
     r = _run("check-config", "--config", str(example))
     assert r.returncode == 0, r.stderr
+
+
+def test_check_keys_refuses_a_duplicate_key(tmp_path: Path) -> None:
+    """`check-keys` is what Ansible runs before a keys file replaces the one in force."""
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"keys": [{"key": "sk-abcdefgh12", "user": "u"}]}))
+    r = _run("check-keys", str(good))
+    assert r.returncode == 0, r.stderr
+    assert "1 keys" in r.stdout
+
+    digest = hashlib.sha256(b"sk-abcdefgh12").hexdigest()
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {"key": "sk-abcdefgh12", "user": "u"},
+                    {"key_sha256": digest, "user": "v"},
+                ]
+            }
+        )
+    )
+    r = _run("check-keys", str(bad))
+    assert r.returncode == 2
+    assert "bad.json" in r.stderr
+    assert "duplicate" in r.stderr.lower()
