@@ -137,7 +137,7 @@ def test_exceeding_the_key_concurrency_gets_429(stack, demo_key):
     assert json.loads(again.stdout)["status"] == 200
 
 
-def _converge(extra_vars: dict) -> subprocess.CompletedProcess:
+def _converge(extra_vars: dict, tags: str = "llm_proxy") -> subprocess.CompletedProcess:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(extra_vars, f)
     return subprocess.run(
@@ -199,3 +199,10 @@ def test_gateway_unit_exposure_is_low(stack):
     print(last)
     exposure = float(last.split("exposure level for llm-proxy.service:")[1].split()[0])
     assert exposure <= 3.0, last
+
+
+def test_a_gpu_host_without_a_gpu_fails_clearly():
+    """Without the inventory's CPU-only mark, the driver role refuses a host with no GPU."""
+    run = _converge({"nvidia_driver_cpu_only": False}, tags="nvidia_driver")
+    assert run.returncode != 0
+    assert "lspci shows no NVIDIA GPU" in run.stdout, run.stdout[-3000:]
