@@ -147,7 +147,7 @@ def _converge(extra_vars: dict, tags: str = "llm_proxy") -> subprocess.Completed
             os.environ["MOLECULE_INVENTORY_FILE"],
             str(SCENARIO / "converge.yml"),
             "--tags",
-            "llm_proxy",
+            tags,
             "--limit",
             STACK,
             "-e",
