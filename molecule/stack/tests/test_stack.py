@@ -205,4 +205,5 @@ def test_a_gpu_host_without_a_gpu_fails_clearly():
     """Without the inventory's CPU-only mark, the driver role refuses a host with no GPU."""
     run = _converge({"nvidia_driver_cpu_only": False}, tags="nvidia_driver")
     assert run.returncode != 0
-    assert "lspci shows no NVIDIA GPU" in run.stdout, run.stdout[-3000:]
+    # Ansible prints a failed task's message on stderr.
+    assert "lspci shows no NVIDIA GPU" in run.stdout + run.stderr, run.stderr[-3000:]
