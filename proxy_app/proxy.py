@@ -8,9 +8,11 @@ usage write), and the body goes to vLLM as received unless stream_options must b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -60,6 +62,32 @@ def _prompt_estimate(obj: dict[str, Any]) -> int:
     if prompt is not None:
         size += len(orjson.dumps(prompt))
     return max(1, size // _BYTES_PER_TOKEN)
+
+
+T = TypeVar("T")
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client closes its connection (the body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run ``work`` to its end, or cancel it and return None when the client leaves first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Also reached when this request is cancelled itself (the server is stopping).
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 _REQUIRED = {
@@ -212,26 +240,33 @@ class Proxy:
     ) -> None:
         t0 = time.perf_counter()
         try:
-            resp = await self.upstream.request(
-                "POST", info.endpoint, req.body, request_id=info.request_id, streaming=req.stream
-            )
-            if resp.status != 200:
+            if req.stream:
+                resp = await self.upstream.request(
+                    "POST", info.endpoint, req.body, request_id=info.request_id, streaming=True
+                )
+                if resp.status == 200 and (resp.header(b"content-type") or b"").startswith(
+                    b"text/event-stream"
+                ):
+                    await self._stream(receive, send, info, key, req, resp, t0)
+                    return
                 body = await resp.read()
-                info.upstream_ms = (time.perf_counter() - t0) * 1000
-                await self._relay_error(send, info, resp, body)
-                return
-            if req.stream and (resp.header(b"content-type") or b"").startswith(
-                b"text/event-stream"
-            ):
-                await self._stream(receive, send, info, key, req, resp, t0)
-                return
-            body = await resp.read()
+            else:
+                # A whole answer can take minutes. If the client leaves meanwhile, the
+                # connection to vLLM is dropped, which is how vLLM learns to stop generating.
+                fetched = await unless_disconnected(receive, self._fetch(info, req))
+                if fetched is None:
+                    await self._abandoned(key, info, req, t0)
+                    return
+                resp, body = fetched
         except UpstreamError as e:
             if e.kind == "unavailable":
                 self.metrics.upstream_up.set(0)
             raise upstream_api_error(e) from None
         elapsed = time.perf_counter() - t0
         info.upstream_ms = elapsed * 1000
+        if resp.status != 200:
+            await self._relay_error(send, info, resp, body)
+            return
         self._ttft[info.endpoint].observe(elapsed)
         self._latency[info.endpoint].observe(elapsed)
         try:
@@ -243,6 +278,28 @@ class Proxy:
             tokens = (0, 0)
         await self._charge(key, info, tokens[0], tokens[1], estimated=False)
         await respond(send, info, 200, body, resp.header(b"content-type") or b"application/json")
+
+    async def _fetch(self, info: RequestInfo, req: ParsedRequest) -> tuple[UpstreamResponse, bytes]:
+        resp = await self.upstream.request(
+            "POST", info.endpoint, req.body, request_id=info.request_id
+        )
+        return resp, await resp.read()
+
+    async def _abandoned(
+        self, key: ApiKey, info: RequestInfo, req: ParsedRequest, t0: float
+    ) -> None:
+        """The client left before its whole answer: vLLM was stopped; the prompt is charged.
+
+        What vLLM generated before it stopped is unknown here, so the record says estimated.
+        """
+        info.upstream_ms = (time.perf_counter() - t0) * 1000
+        info.status = 499
+        info.error = "client_disconnect"
+        self.metrics.client_disconnects.inc()
+        prompt = _prompt_estimate(orjson.loads(req.body))
+        # On failure usage_record_failed is logged with the figures; nobody is left to tell.
+        with contextlib.suppress(ApiError):
+            await self._charge(key, info, prompt, 0, estimated=True)
 
     async def _relay_error(
         self, send: Send, info: RequestInfo, resp: UpstreamResponse, body: bytes

@@ -211,7 +211,8 @@ class UpstreamResponse:
             deadline = min(loop_time() + self._read_timeout, self._deadline)
             try:
                 await conn.wait(deadline, "reading the response")
-            except UpstreamError:
+            except (UpstreamError, asyncio.CancelledError):
+                # Cancelled too (the client left): vLLM must see the connection close.
                 self.abort()
                 raise
 
@@ -340,6 +341,9 @@ class UpstreamPool:
                 # reached it, so sending it again on a fresh connection is safe.
                 if attempt == 0 and reused and not conn.received_any and e.kind == "broken":
                     continue
+                raise
+            except asyncio.CancelledError:
+                conn.abort()  # the request is abandoned: vLLM must not go on with it
                 raise
             return UpstreamResponse(self, conn, deadline, t.read)
         raise AssertionError("unreachable")

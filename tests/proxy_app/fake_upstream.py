@@ -119,9 +119,10 @@ async def app(scope, receive, send) -> None:
         await _json(send, 500, b"Internal Server Error: boom", b"text/plain")
         return
     if model == "fake-hang":
-        # Never answer; return only once the caller has given up.
+        # Never answer; return only once the caller has given up (counted as a disconnect).
         while (await receive())["type"] != "http.disconnect":
             pass
+        STATS["disconnects"] = int(STATS["disconnects"]) + 1  # type: ignore[call-overload]
         return
     if model == "fake-drop" and not req.get("stream"):
         # Headers and half a body, then the connection is cut.

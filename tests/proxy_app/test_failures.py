@@ -5,12 +5,15 @@ from __future__ import annotations
 import httpx
 import pytest
 from proxy_harness import (
+    ADMIN_KEY,
     USER_KEY,
     Gateway,
     GatewayFactory,
     Upstream,
     free_port,
+    keys_with,
     metric_value,
+    wait_for,
 )
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -150,3 +153,41 @@ def test_embeddings_are_forwarded(gw: Gateway) -> None:
     assert r.json()["data"][0]["embedding"] == [0.1, 0.2]
     line = gw.request_log(r.headers["x-request-id"])
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 0)
+
+
+def test_client_leaving_before_a_whole_answer_stops_upstream(
+    gateway_factory: GatewayFactory, fake: Upstream
+) -> None:
+    """A non-streamed request whose client gives up: the gateway drops its vLLM connection
+    at once (not when its own timeouts expire), charges the prompt and frees the slot."""
+    gw = gateway_factory(
+        fake,
+        keys=keys_with(concurrent=1),
+        timeouts={"connect": 2, "first_byte": 60, "read": 60, "total": 120},
+    )
+    with httpx.Client(trust_env=False) as c:
+        disconnects = c.get(fake.url + "/_stats").json()["disconnects"]
+    with gw.client(USER_KEY, timeout=1) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(
+            "/v1/completions",
+            json={"model": "fake-hang", "prompt": "a prompt of some length"},
+            headers={"X-Request-ID": "leaves-early-1"},
+        )
+    line = gw.request_log("leaves-early-1")
+    assert line["status"] == 499 and line["error"] == "client_disconnect"
+    assert line["tokens_estimated"] is True
+    assert line["prompt_tokens"] >= 1 and line["completion_tokens"] == 0
+    # Well before the gateway's 60 s first-byte timeout, the upstream saw the close.
+    assert line["duration_ms"] < 10_000
+
+    def upstream_saw_it() -> bool:
+        with httpx.Client(trust_env=False) as c:
+            return c.get(fake.url + "/_stats").json()["disconnects"] > disconnects
+
+    wait_for(upstream_saw_it, 10, "the upstream to see the close")
+    usage = gw.usage(ADMIN_KEY)["user1"]["total_usage"]
+    assert usage["requests"] == 1 and usage["prompt_tokens"] == line["prompt_tokens"]
+    assert metric_value(gw.metrics(), "gateway_client_disconnects_total") == 1.0
+    # The concurrency slot came back (concurrent: 1).
+    with gw.client(USER_KEY) as c:
+        assert c.post("/v1/completions", json={"model": "fake", "prompt": "x"}).status_code == 200

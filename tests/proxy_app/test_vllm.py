@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 
@@ -215,6 +216,34 @@ def test_client_disconnect_stops_vllm_and_charges_tokens(gw: Gateway, vllm: Upst
     after = _user_usage(gw)
     assert after["completion_tokens"] - before["completion_tokens"] == line["completion_tokens"]
     # vLLM stopped generating: idle again, far fewer than 4 x 1000 tokens produced.
+    wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to go idle")
+    assert vllm_metric("vllm:generation_tokens_total") - generated_before < 4000
+
+
+def test_client_leaving_a_whole_answer_stops_vllm(gw: Gateway, vllm: Upstream) -> None:
+    """Not streamed: the client gives up waiting; vLLM stops instead of finishing for nobody."""
+
+    def vllm_metric(name: str) -> float:
+        with httpx.Client(trust_env=False) as c:
+            return metric_value(c.get(vllm.url + "/metrics").text, name) or 0.0
+
+    body = {"model": "tiny", "prompt": "go", "max_tokens": 1000, "n": 4, **EXACT}
+    # As above: on 2 shared cores vLLM may finish inside the client's second; then try again.
+    for attempt in range(3):
+        wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to be idle")
+        generated_before = vllm_metric("vllm:generation_tokens_total")
+        before = _user_usage(gw)
+        rid = f"whole-answer-left-{attempt}"
+        with gw.client(USER_KEY, timeout=1) as c, contextlib.suppress(httpx.ReadTimeout):
+            c.post("/v1/completions", json=body, headers={"X-Request-ID": rid})
+        line = gw.request_log(rid)
+        if line["status"] != 200:
+            break
+    assert line["status"] == 499 and line["error"] == "client_disconnect"
+    assert line["tokens_estimated"] is True and line["completion_tokens"] == 0
+    after = _user_usage(gw)
+    assert after["requests"] - before["requests"] == 1
+    assert after["prompt_tokens"] - before["prompt_tokens"] == line["prompt_tokens"] >= 1
     wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to go idle")
     assert vllm_metric("vllm:generation_tokens_total") - generated_before < 4000
 

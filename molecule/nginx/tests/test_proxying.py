@@ -15,7 +15,8 @@ STREAM_CLIENT = textwrap.dedent(
     base = urllib.parse.urlsplit(sys.argv[1])
     def connect():
         if base.scheme == "https":
-            context = ssl._create_unverified_context()  # by address; test_tls checks the name
+            # By address; test_reconverge checks the certificate against the host's name.
+            context = ssl._create_unverified_context()
             return http.client.HTTPSConnection(
                 base.hostname, base.port, timeout=20, context=context
             )
@@ -74,6 +75,21 @@ def test_request_reaches_the_gateway_with_forwarding_headers(host, base_url):
     assert headers["x-request-id"] == "req-abc-123"
     # Upstream keep-alive: nginx must not ask the gateway to close each connection.
     assert seen["headers"].get("connection", "") != "close"
+
+
+def test_websocket_upgrade_headers_reach_the_gateway(host, base_url):
+    from conftest import http
+
+    status, _, body = http(
+        host,
+        "GET",
+        base_url + "/v1/echo",
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+    )
+    assert status == 200
+    seen = json.loads(body)["headers"]
+    assert seen["upgrade"] == "websocket"
+    assert seen["connection"] == "upgrade"
 
 
 def test_request_id_is_generated_when_absent(host, base_url):

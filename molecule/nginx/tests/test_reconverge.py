@@ -1,6 +1,7 @@
-"""nginx with TLS on (the llmhost-nginx-tls host, see molecule.yml): the
-certificate verifies for the host's name, a new one is served after a
-converge without a restart, and a key that does not match it changes nothing."""
+"""Converges again with changed variables, on the TLS host (llmhost-nginx-tls, see
+molecule.yml): its certificate verifies for the host's name, a new one is served
+after a converge without a restart, and a key that does not match it, or an
+nginx setting nginx refuses, changes nothing."""
 
 from __future__ import annotations
 
@@ -146,3 +147,21 @@ def test_a_key_that_does_not_match_changes_nothing(host, inventory_certificate):
     assert "BEGIN PRIVATE KEY" not in run.stdout + run.stderr, "the key was printed"
     assert {path: host.file(path).sha256sum for path in files} == before
     assert _same_certificate(_served(host), served_before)
+
+
+def test_a_setting_nginx_refuses_never_lands(host):
+    """`nginx -t` checks the rendered nginx.conf before it replaces the running one."""
+    before = host.file("/etc/nginx/nginx.conf").sha256sum
+    pid_before = _nginx_pid(host)
+    run = _converge({"nginx_client_max_body_size": "12 potatoes"})
+    assert run.returncode != 0, "nginx.conf with an invalid client_max_body_size was accepted"
+    assert "Render nginx.conf" in run.stdout + run.stderr
+    assert host.file("/etc/nginx/nginx.conf").sha256sum == before
+    assert _nginx_pid(host) == pid_before
+    assert host.service("nginx").is_running
+    result = host.run("curl -sk -o /dev/null -w '%{http_code}' https://127.0.0.1:8000/health")
+    assert result.stdout == "200"
+    # The run wrote the inventory's certificate back before it failed (the previous test had
+    # rotated it): the handlers still ran (force_handlers), so nginx serves what is on disk.
+    on_disk = host.file(f"{TLS_DIR}/llmhost.crt").content_string
+    assert _same_certificate(_served(host), on_disk)
