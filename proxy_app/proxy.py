@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
@@ -64,30 +63,45 @@ def _prompt_estimate(obj: dict[str, Any]) -> int:
     return max(1, size // _BYTES_PER_TOKEN)
 
 
-T = TypeVar("T")
+# A client that stops waiting for a whole answer is watched for only once the answer has
+# taken this long: quick answers pay one timer, not a task reading the client's connection.
+_WATCH_AFTER = 1.0
 
 
-async def _disconnected(receive: Receive) -> None:
-    """Return when the client closes its connection (the body has been read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+class DisconnectWatch:
+    """Cancels the current task when its client disconnects (``gone`` then says so).
 
+    Reading ``receive`` starts only after ``after`` seconds; a disconnect that happened
+    earlier is seen then. Close it when the wait it guards is over.
+    """
 
-async def unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
-    """Run ``work`` to its end, or cancel it and return None when the client leaves first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        # Also reached when this request is cancelled itself (the server is stopping).
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        return None
-    return task.result()
+    __slots__ = ("_receive", "_task", "_timer", "_watcher", "gone")
+
+    def __init__(self, receive: Receive, after: float = _WATCH_AFTER) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Future[None] | None = None
+        self.gone = False
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            after, self._start
+        )
+
+    def _start(self) -> None:
+        self._timer = None
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 _REQUIRED = {
@@ -251,13 +265,19 @@ class Proxy:
                     return
                 body = await resp.read()
             else:
-                # A whole answer can take minutes. If the client leaves meanwhile, the
-                # connection to vLLM is dropped, which is how vLLM learns to stop generating.
-                fetched = await unless_disconnected(receive, self._fetch(info, req))
-                if fetched is None:
+                # A whole answer can take minutes. If the client leaves meanwhile, the wait is
+                # cancelled and the connection to vLLM dropped: vLLM stops generating.
+                watch = DisconnectWatch(receive)
+                try:
+                    resp, body = await self._fetch(info, req)
+                except asyncio.CancelledError:
+                    if not watch.gone:
+                        raise  # the server is stopping
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
                     await self._abandoned(key, info, req, t0)
                     return
-                resp, body = fetched
+                finally:
+                    watch.close()
         except UpstreamError as e:
             if e.kind == "unavailable":
                 self.metrics.upstream_up.set(0)
