@@ -21,12 +21,12 @@ def _load(path: Path) -> tuple[Config, KeyStore]:
     return config, keys
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, path: Path) -> int:
     import uvicorn
 
     from .app import create_app
 
-    app = create_app(config)
+    app = create_app(config, path)
     # uvicorn's own records (startup, errors) go through the gateway's JSON log.
     handler = app.log.stdlib_handler()
     for name in ("uvicorn", "uvicorn.error", "asyncio"):
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KeysFileError) as e:
         print(str(e), file=sys.stderr)
         return EXIT_CONFIG
-    return _serve(config)
+    return _serve(config, path)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,7 +25,7 @@ from .asgi import (
     respond,
     respond_error,
 )
-from .config import Config
+from .config import RELOADABLE, Config, ConfigError, load_config
 from .errors import ApiError, internal_error, method_not_allowed, not_found, upstream_unavailable
 from .keys import KeyStore, ReloadResult
 from .logs import LEVELS, JsonLog, timestamp
@@ -44,8 +45,9 @@ _POST = frozenset({"POST"})
 class Gateway:
     """ASGI app. Parts are created at lifespan startup and closed at shutdown."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.metrics = Metrics()
         self.log = JsonLog(config.log_level, config.log_file)
         self.keys = KeyStore(config.api_keys_file, config.key_defaults)
@@ -100,7 +102,7 @@ class Gateway:
         }
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload_keys, "sighup")
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._tasks = [
             asyncio.create_task(self._watch_keys()),
             asyncio.create_task(self._probe_upstream()),
@@ -148,7 +150,42 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    # keys
+    # reloads
+
+    def reload(self) -> None:
+        """SIGHUP: apply the config file's reloadable settings, then read the keys again."""
+        if self.config_path is not None:
+            self._reload_config(self.config_path)
+        self.reload_keys("sighup")
+
+    def _reload_config(self, path: Path) -> None:
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            self.log.log("error", "config_reload_refused", error=str(e))
+            return
+        old = self.config
+        pending = sorted(
+            name
+            for name in type(old).model_fields
+            if name not in RELOADABLE and getattr(new, name) != getattr(old, name)
+        )
+        if pending:
+            self.log.log("warning", "config_needs_restart", fields=pending)
+        changed = sorted(n for n in RELOADABLE if getattr(new, n) != getattr(old, n))
+        if not changed:
+            return
+        self.config = old.model_copy(update={n: getattr(new, n) for n in RELOADABLE})
+        self.keys.defaults = new.key_defaults  # takes effect as the keys are read again
+        if self.limiter is not None:
+            self.limiter.global_limits = new.rate_limit
+        self.log.log(
+            "info",
+            "config_reloaded",
+            fields=changed,
+            rate_limit=new.rate_limit.model_dump(),
+            key_defaults=new.key_defaults.model_dump(),
+        )
 
     def reload_keys(self, source: str) -> ReloadResult:
         """Reload the keys file (admin call, SIGHUP or file change) and say how it went."""
@@ -332,6 +369,6 @@ class Gateway:
         self.log.write(record)
 
 
-def create_app(config: Config) -> Gateway:
-    """The gateway's ASGI app for ``config``."""
-    return Gateway(config)
+def create_app(config: Config, config_path: Path | None = None) -> Gateway:
+    """The gateway's ASGI app for ``config``; with ``config_path``, SIGHUP reads it again."""
+    return Gateway(config, config_path)

@@ -100,6 +100,11 @@ class Config(_Strict):
         return v
 
 
+# What a SIGHUP applies in place, from the config file read again (the keys file is read
+# again too). Any other change needs a restart; the gateway logs which fields.
+RELOADABLE = frozenset({"rate_limit", "key_defaults"})
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the field."""
 

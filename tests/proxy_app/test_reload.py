@@ -1,4 +1,5 @@
-"""Keys reload without a restart: on request, on SIGHUP, on file change; bad files refused."""
+"""Keys reload without a restart: on request, on SIGHUP, on file change; bad files refused.
+SIGHUP also applies the config file's global limits and key defaults in place."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import json
 import signal
 
 import pytest
-from proxy_harness import ADMIN_KEY, USER_KEY, Gateway, GatewayFactory, Upstream, wait_for
+import yaml
+from proxy_harness import (
+    ADMIN_KEY,
+    USER_KEY,
+    Gateway,
+    GatewayFactory,
+    Upstream,
+    metric_value,
+    wait_for,
+)
 
 NEW_KEY = "sk-new-0123456789"
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
@@ -107,3 +117,58 @@ def test_bad_file_change_is_refused_too(gateway_factory: GatewayFactory, fake: U
         "the refusal in the log",
     )
     assert _status(gw, USER_KEY) == 200
+
+
+def _sighup_with_config(gw: Gateway, event: str, **changes: object) -> dict:
+    """Rewrite the config file with ``changes``, send SIGHUP, return the log line ``event``."""
+    assert gw.proc is not None
+    seen = sum(1 for r in gw.logs() if r.get("event") == event)
+    gw.config_path.write_text(yaml.safe_dump({**gw.config, **changes}))
+    gw.proc.popen.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: sum(1 for r in gw.logs() if r.get("event") == event) > seen,
+        10,
+        f"{event} after SIGHUP",
+    )
+    return [r for r in gw.logs() if r.get("event") == event][-1]
+
+
+def _rejections(gw: Gateway, reason: str) -> float:
+    return metric_value(gw.metrics(), "gateway_rejections_total", {"reason": reason}) or 0.0
+
+
+def test_sighup_applies_new_global_limits_and_key_defaults(gw: Gateway) -> None:
+    assert gw.proc is not None
+    pid = gw.proc.popen.pid
+    assert [_status(gw, USER_KEY) for _ in range(3)] == [200, 200, 200]
+
+    line = _sighup_with_config(gw, "config_reloaded", rate_limit={"qps": 1})
+    assert line["fields"] == ["rate_limit"]
+    assert 429 in [_status(gw, USER_KEY) for _ in range(3)]
+    assert _rejections(gw, "qps_global") >= 1
+
+    # Key defaults apply to keys that set no limit of their own: the keys are read again.
+    line = _sighup_with_config(gw, "config_reloaded", key_defaults={"qps": 1})
+    assert line["fields"] == ["key_defaults", "rate_limit"]
+    assert 429 in [_status(gw, USER_KEY) for _ in range(3)]
+    assert _rejections(gw, "qps_key") >= 1
+    assert gw.proc.popen.poll() is None and gw.proc.popen.pid == pid
+
+
+def test_sighup_names_changes_that_need_a_restart(gw: Gateway) -> None:
+    line = _sighup_with_config(
+        gw, "config_needs_restart", max_body_bytes=4096, rate_limit={"qps": 1}
+    )
+    assert line["fields"] == ["max_body_bytes"]
+    # The reloadable part is applied all the same; the rest waits for the restart.
+    assert 429 in [_status(gw, USER_KEY) for _ in range(3)]
+    with gw.client(USER_KEY) as c:
+        r = c.post("/v1/chat/completions", json={**CHAT, "pad": "x" * 8192})
+    assert r.status_code in (200, 429)  # not 413: the old max_body_bytes is in force
+
+
+def test_sighup_with_a_bad_config_keeps_the_limits_in_force(gw: Gateway) -> None:
+    line = _sighup_with_config(gw, "config_reload_refused", rate_limit={"qps": -1})
+    assert "rate_limit.qps" in line["error"]
+    assert [_status(gw, USER_KEY) for _ in range(3)] == [200, 200, 200]
+    assert any(r.get("event") == "keys_reloaded" for r in gw.logs())

@@ -193,6 +193,40 @@ def test_a_bad_keys_file_is_refused_before_it_lands(stack, demo_key):
     assert result.stdout == "200"
 
 
+def _completion_codes(stack, demo_key, n):
+    """Status codes of n quick completions in a row, through nginx."""
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 1})
+    codes = []
+    for _ in range(n):
+        result = stack.run(
+            "curl -s -o /dev/null -w %s --max-time 60 -H %s -H %s --data-binary %s %s",
+            "%{http_code}",
+            f"Authorization: Bearer {demo_key}",
+            "Content-Type: application/json",
+            body,
+            "http://127.0.0.1:8000/v1/completions",
+        )
+        codes.append(result.stdout)
+    return codes
+
+
+def test_global_limits_change_in_place_other_settings_restart(stack, demo_key):
+    """llm_proxy_rate_limit reloads (same PID); a setting such as the body limit restarts."""
+    pid_before = _main_pid(stack)
+    run = _converge({"llm_proxy_rate_limit": {"qps": 1, "concurrent": 32}})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert _main_pid(stack) == pid_before, "the gateway restarted for a limit change"
+    assert "429" in _completion_codes(stack, demo_key, 3)
+
+    run = _converge({"llm_proxy_max_body_bytes": 5 * 1024 * 1024})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert _main_pid(stack) != pid_before, "a max_body_bytes change needs a restart"
+    # Back to the inventory's settings (qps 50): requests in a row pass again.
+    run = _converge({})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert _completion_codes(stack, demo_key, 3) == ["200", "200", "200"]
+
+
 def test_gateway_unit_exposure_is_low(stack):
     result = stack.run("systemd-analyze security --no-pager llm-proxy.service")
     last = result.stdout.strip().splitlines()[-1]
