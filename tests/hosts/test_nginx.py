@@ -18,6 +18,16 @@ def test_nginx_configuration_is_valid(host):
     assert result.rc == 0, result.stderr
 
 
+def test_stream_settings_are_in_force(host, hostvar):
+    """What the streaming test cannot wait for: the long timeouts, no buffering either way."""
+    # `nginx -T` prints the configuration nginx would load (it writes nothing).
+    config = {line.strip() for line in host.run("nginx -T").stdout.splitlines()}
+    for name in ("proxy_read_timeout", "proxy_send_timeout"):
+        assert f"{name} {hostvar('nginx_' + name, 300)}s;" in config, name
+    assert {"proxy_buffering off;", "proxy_request_buffering off;"} <= config
+    assert "proxy_http_version 1.1;" in config  # keep-alive to the gateway
+
+
 def test_nginx_listens_on_its_port(host, hostvar):
     address = hostvar("nginx_listen_address", "0.0.0.0")
     port = hostvar("nginx_listen_port", 8000)
