@@ -23,7 +23,14 @@ from .logs import JsonLog
 from .metrics import Metrics
 from .ratelimit import Limiter
 from .sse import SseScanner, usage_of
-from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from .upstream import (
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .usage import UsageStore, quota_exhausted
 
 _SSE_HEADERS = [
@@ -158,9 +165,9 @@ def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
 
 def upstream_api_error(e: UpstreamError) -> ApiError:
     """The client-facing error for a failure to talk to vLLM."""
-    if e.kind == "unavailable":
+    if isinstance(e, UpstreamUnavailable):
         return unavailable(f"The model server is not reachable: {e.message}.")
-    if e.kind == "timeout":
+    if isinstance(e, UpstreamTimeout):
         return upstream_timeout(f"The model server did not answer in time: {e.message}.")
     return upstream_error(f"The model server failed: {e.message}.")
 
@@ -279,7 +286,7 @@ class Proxy:
                 finally:
                     watch.close()
         except UpstreamError as e:
-            if e.kind == "unavailable":
+            if isinstance(e, UpstreamUnavailable):
                 self.metrics.upstream_up.set(0)
             raise upstream_api_error(e) from None
         elapsed = time.perf_counter() - t0
@@ -426,7 +433,7 @@ class Proxy:
         try:
             await self._charge(key, info, tokens[0], tokens[1], estimated)
         except ApiError as e:
-            failure = failure or UpstreamError("broken", e.message)
+            failure = failure or UpstreamBroken(e.message)
         if cancelled:
             raise asyncio.CancelledError
 

@@ -26,15 +26,23 @@ _IDLE_EXPIRY = 4.0
 
 
 class UpstreamError(Exception):
-    """vLLM could not be reached or did not answer properly.
+    """vLLM could not be reached or did not answer properly; callers catch the subclass they mean."""
 
-    ``kind`` is one of ``unavailable`` (503), ``timeout`` (504) or ``broken`` (502).
-    """
-
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.kind = kind
         self.message = message
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No connection to vLLM could be made: nothing of the request was sent."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """vLLM did not answer within a deadline."""
+
+
+class UpstreamBroken(UpstreamError):
+    """vLLM's answer was not valid HTTP, or the connection closed before its end."""
 
 
 class _Connection(asyncio.Protocol):
@@ -71,7 +79,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(UpstreamError("broken", f"invalid HTTP response from vLLM: {e}"))
+            self._fail(UpstreamBroken(f"invalid HTTP response from vLLM: {e}"))
             self.close()
 
     def eof_received(self) -> bool | None:
@@ -80,7 +88,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.complete:
-            self._fail(UpstreamError("broken", "vLLM closed the connection before the end"))
+            self._fail(UpstreamBroken("vLLM closed the connection before the end"))
 
     # httptools callbacks
 
@@ -172,7 +180,7 @@ class _Connection(asyncio.Protocol):
 
 def _expire(fut: asyncio.Future[None], what: str) -> None:
     if not fut.done():
-        fut.set_exception(UpstreamError("timeout", f"vLLM did not answer in time ({what})"))
+        fut.set_exception(UpstreamTimeout(f"vLLM did not answer in time ({what})"))
 
 
 class UpstreamResponse:
@@ -288,12 +296,12 @@ class UpstreamPool:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(_Connection, self.host, self.port)
         except TimeoutError:
-            raise UpstreamError(
-                "timeout", f"vLLM did not accept a connection within {timeout:.1f}s"
+            raise UpstreamTimeout(
+                f"vLLM did not accept a connection within {timeout:.1f}s"
             ) from None
         except OSError as e:
-            raise UpstreamError(
-                "unavailable", f"vLLM is not reachable ({e.strerror or e})"
+            raise UpstreamUnavailable(
+                f"vLLM is not reachable ({e.strerror or e})"
             ) from None
         return conn
 
@@ -339,7 +347,7 @@ class UpstreamPool:
                 conn.abort()
                 # vLLM may close an idle connection just as it is reused: the request never
                 # reached it, so sending it again on a fresh connection is safe.
-                if attempt == 0 and reused and not conn.received_any and e.kind == "broken":
+                if attempt == 0 and reused and not conn.received_any and isinstance(e, UpstreamBroken):
                     continue
                 raise
             except asyncio.CancelledError:
