@@ -26,7 +26,7 @@ _IDLE_EXPIRY = 4.0
 
 
 class UpstreamError(Exception):
-    """vLLM could not be reached or did not answer properly; callers catch the subclass they mean."""
+    """vLLM could not be reached or did not answer properly; callers catch a subclass."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -300,9 +300,7 @@ class UpstreamPool:
                 f"vLLM did not accept a connection within {timeout:.1f}s"
             ) from None
         except OSError as e:
-            raise UpstreamUnavailable(
-                f"vLLM is not reachable ({e.strerror or e})"
-            ) from None
+            raise UpstreamUnavailable(f"vLLM is not reachable ({e.strerror or e})") from None
         return conn
 
     def _request_bytes(
@@ -347,7 +345,8 @@ class UpstreamPool:
                 conn.abort()
                 # vLLM may close an idle connection just as it is reused: the request never
                 # reached it, so sending it again on a fresh connection is safe.
-                if attempt == 0 and reused and not conn.received_any and isinstance(e, UpstreamBroken):
+                broken = isinstance(e, UpstreamBroken)
+                if attempt == 0 and reused and not conn.received_any and broken:
                     continue
                 raise
             except asyncio.CancelledError:
