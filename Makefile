@@ -19,7 +19,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down \
-        lint test test-rules test-proxy test-molecule check bench clean
+        lint test test-tools test-rules test-proxy test-molecule check bench clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -66,12 +66,16 @@ demo: setup ## Bring the whole stack up on a local test host and print the endpo
 demo-down: ## Remove the local demo host
 	ansible-playbook -i $(INVENTORY) playbooks/testbed-host.yml -e state=absent
 
-lint: venv ## ruff, yamllint, ansible-lint (production profile), argument specs
+lint: venv ## ruff, yamllint, ansible-lint (production profile), argument specs, README figures
 	ruff check .
 	ruff format --check .
 	yamllint --strict .
 	ansible-lint
 	$(VENV)/bin/python tools/argument_specs.py --check
+	$(VENV)/bin/python tools/readme_figures.py --check
+
+test-tools: venv ## Unit tests of tools/ (seconds, no services)
+	$(VENV)/bin/pytest -q tests/tools
 
 test-rules: deps ## Alert rules: promtool check and unit tests
 	promtool check rules roles/prometheus/files/rules/llmhost.rules.yml
@@ -83,13 +87,16 @@ test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 test-molecule: setup ## Every Molecule scenario (real systemd hosts)
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
 
-test: lint test-rules test-proxy test-molecule ## Everything CI runs
+test: lint test-tools test-rules test-proxy test-molecule ## Everything CI runs
 
 check: venv ## Read-only host checks against INVENTORY=inventories/<env>
 	$(VENV)/bin/python tools/check_hosts.py --inventory $(INVENTORY)
 
+# bench/run.py writes bench/results.json and bench/RESULTS.md; the README's benchmark block is
+# then rendered from that JSON (make lint fails when it is not).
 bench: setup ## Gateway benchmark against direct and LiteLLM (not a test; bench/RESULTS.md)
 	bash bench/setup_litellm.sh $(CACHE)/bench-litellm
 	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python tools/readme_figures.py
 
 clean: demo-down ## Remove the demo host; keep caches

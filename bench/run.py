@@ -3,10 +3,13 @@
 One run starts a fast vLLM-shaped upstream (bench/upstream.py), the gateway in front of it
 with every control on, and LiteLLM's proxy in front of the same upstream, then drives each
 with wrk at several concurrencies, non-streamed and streamed, and measures the gateway's
-resident memory before and after many requests. The figures go to bench/RESULTS.md.
+resident memory before and after many requests. The figures go to bench/results.json
+(every figure of the tables, rounded as shown) and bench/RESULTS.md (rendered from that data
+by render_results); tools/readme_figures.py renders the README's benchmark block from the JSON.
 
 Usage: python bench/run.py [--duration 10] [--concurrency 1,8,32] [--rss-requests 50000]
                            [--litellm-venv .cache/bench-litellm] [--no-litellm]
+                           [--out bench/RESULTS.md] [--json bench/results.json]
 
 Needs wrk (apt-get install wrk) and, for the LiteLLM column, a venv holding
 ``litellm[proxy]`` (see bench/README.md). Not a test: numbers depend on the machine.
@@ -37,6 +40,7 @@ BENCH = REPO / "bench"
 KEY = "sk-bench-0123456789abcdef"
 LITELLM_KEY = "sk-litellm-master-0123456789"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8}
+WARMUP_SECONDS = 2
 
 
 def free_port() -> int:
@@ -209,7 +213,7 @@ def measure(
         for c in conns:
             for name, (url, auth) in targets.items():
                 script = wrk_script(workdir, f"{name}-{stream}", auth, stream)
-                wrk(url, script, c, 2)  # warm-up
+                wrk(url, script, c, WARMUP_SECONDS)
                 run = wrk(url, script, c, seconds)
                 results[(name, stream, c)] = run
                 kind = "stream" if stream else "plain"
@@ -221,36 +225,90 @@ def measure(
     return results
 
 
-def memory_run(url: str, workdir: Path, pid: int, total: int) -> list[tuple[str, float]]:
-    """RSS now, then after ``total`` more requests, twice."""
+def memory_run(
+    url: str, workdir: Path, pid: int, total: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """RSS now, then after ``total`` more requests, twice: (now, [(requests so far, RSS)])."""
     script = wrk_script(workdir, "rss", KEY, False)
-    points = [("after the throughput runs above", rss_mib(pid))]
+    now = rss_mib(pid)
+    later = []
     done = 0
     for _ in range(2):
         target = done + total
         while done < target:
             done += wrk(url, script, 32, 5).requests
-        points.append((f"{done:,} requests later", rss_mib(pid)))
-        print(f"rss after {done} more requests: {points[-1][1]:.1f} MiB", flush=True)
-    return points
+        later.append((done, rss_mib(pid)))
+        print(f"rss after {done} more requests: {later[-1][1]:.1f} MiB", flush=True)
+    return now, later
 
 
-def write_results(
-    path: Path,
+def results_data(
     results: dict[tuple[str, bool, int], Run],
     conns: list[int],
-    rss: list[tuple[str, float]],
+    rss_fresh: float,
+    rss_after: float,
+    rss_later: list[tuple[int, float]],
     seconds: float,
     litellm_version: str | None,
-) -> None:
-    has_litellm = litellm_version is not None
+) -> dict:
+    """Every figure of RESULTS.md, rounded as it shows them (bench/results.json)."""
+    targets = ["direct", "gateway"] + (["litellm"] if litellm_version is not None else [])
+
+    def row(stream: bool, c: int) -> dict:
+        d = results[("direct", stream, c)]
+        out: dict = {"conns": c}
+        for name in targets:
+            r = results[(name, stream, c)]
+            out[name] = {"rps": round(r.rps), "errors": r.errors}
+            if name != "direct":
+                out[name]["added_p50_ms"] = round(r.p50_ms - d.p50_ms, 3)
+                out[name]["added_p99_ms"] = round(r.p99_ms - d.p99_ms, 3)
+        if litellm_version is not None:
+            g, lite = results[("gateway", stream, c)], results[("litellm", stream, c)]
+            out["gateway_per_litellm"] = round(g.rps / lite.rps, 1)
+        return out
+
+    return {
+        "run": {
+            "time_utc": datetime.now(UTC).isoformat(timespec="minutes"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "load_average_end": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+            "seconds_per_cell": seconds,
+            "warmup_seconds": WARMUP_SECONDS,
+            "litellm_version": litellm_version,
+        },
+        "non_streamed": [row(False, c) for c in conns],
+        "streamed": [row(True, c) for c in conns],
+        "memory": {
+            "fresh_mib": round(rss_fresh, 1),
+            "after_throughput_mib": round(rss_after, 1),
+            "later": [{"requests": n, "rss_mib": round(mib, 1)} for n, mib in rss_later],
+        },
+    }
+
+
+def _and(values: list[int]) -> str:
+    words = [str(v) for v in values]
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else "".join(words)
+
+
+def render_results(data: dict) -> str:
+    """bench/RESULTS.md from the data of results_data (the one rendering of the tables)."""
+    run = data["run"]
+    version = run["litellm_version"]
+    has_litellm = version is not None
+    when = datetime.fromisoformat(run["time_utc"])
+    conns = [r["conns"] for r in data["non_streamed"]]
     lines = [
         "# Gateway benchmark",
         "",
-        f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: "
-        f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.2f} at the end), "
-        f"Python {platform.python_version()}, loopback only. "
-        f"wrk -t1, {seconds:g} s per cell after a 2 s warm-up; all three targets in front of "
+        f"Run {when:%Y-%m-%d %H:%M} UTC on {run['host']}: "
+        f"{run['cpus']} CPUs (load average {run['load_average_end']:.2f} at the end), "
+        f"Python {run['python']}, loopback only. "
+        f"wrk -t1, {run['seconds_per_cell']:g} s per cell after a {run['warmup_seconds']:g} s "
+        f"warm-up; {'all three' if has_litellm else 'both'} targets in front of "
         "the same upstream (bench/upstream.py: raw ASGI on uvicorn + httptools, answering a "
         "vLLM-shaped chat completion at once; streamed: 8 chunks + usage + [DONE]).",
         "",
@@ -262,19 +320,21 @@ def write_results(
     ]
     if has_litellm:
         lines.append(
-            f"- **LiteLLM**: `litellm[proxy]=={litellm_version}` proxy, master-key auth, no "
+            f"- **LiteLLM**: `litellm[proxy]=={version}` proxy, master-key auth, no "
             "database, one worker."
         )
-    lines += [
-        "",
+    added = (
         "Added latency = target p50/p99 minus direct p50/p99 at the same concurrency "
-        "(streamed: time to the end of the stream). At 1 connection it is the cost of one "
-        "request; at 8 and 32 every server runs flat out and latency is mostly queueing "
-        "(connections / throughput).",
-        "",
-    ]
-    for stream in (False, True):
-        lines.append(f"## {'Streamed' if stream else 'Non-streamed'}")
+        "(streamed: time to the end of the stream)."
+    )
+    if conns[0] == 1 and len(conns) > 1:
+        added += (
+            f" At 1 connection it is the cost of one request; at {_and(conns[1:])} every "
+            "server runs flat out and latency is mostly queueing (connections / throughput)."
+        )
+    lines += ["", added, ""]
+    for mode, title in (("non_streamed", "Non-streamed"), ("streamed", "Streamed")):
+        lines.append(f"## {title}")
         lines.append("")
         head = "| conns | direct req/s | gateway req/s |"
         sep = "|---|---|---|"
@@ -289,34 +349,38 @@ def write_results(
         head += " errors |"
         sep += "---|"
         lines += [head, sep]
-        for c in conns:
-            d = results[("direct", stream, c)]
-            g = results[("gateway", stream, c)]
-            row = f"| {c} | {d.rps:,.0f} | {g.rps:,.0f} |"
-            errors = d.errors + g.errors
+        for r in data[mode]:
+            d, g = r["direct"], r["gateway"]
+            line = f"| {r['conns']} | {d['rps']:,.0f} | {g['rps']:,.0f} |"
+            errors = d["errors"] + g["errors"]
             if has_litellm:
-                lite = results[("litellm", stream, c)]
-                row += f" {lite.rps:,.0f} | {g.rps / lite.rps:.1f}x |"
-                errors += lite.errors
-            row += f" {g.p50_ms - d.p50_ms:.3f} ms | {g.p99_ms - d.p99_ms:.3f} ms |"
+                lite = r["litellm"]
+                line += f" {lite['rps']:,.0f} | {r['gateway_per_litellm']:.1f}x |"
+                errors += lite["errors"]
+            line += f" {g['added_p50_ms']:.3f} ms | {g['added_p99_ms']:.3f} ms |"
             if has_litellm:
-                row += f" {lite.p50_ms - d.p50_ms:.3f} ms | {lite.p99_ms - d.p99_ms:.3f} ms |"
-            row += f" {errors} |"
-            lines.append(row)
+                line += f" {lite['added_p50_ms']:.3f} ms | {lite['added_p99_ms']:.3f} ms |"
+            line += f" {errors} |"
+            lines.append(line)
         lines.append("")
+    memory = data["memory"]
     lines += [
         "## Gateway memory (RSS)",
         "",
         "| when | RSS |",
         "|---|---|",
+        f"| fresh, before any request | {memory['fresh_mib']:.1f} MiB |",
+        f"| after the throughput runs above | {memory['after_throughput_mib']:.1f} MiB |",
     ]
-    lines += [f"| {when} | {mib:.1f} MiB |" for when, mib in rss]
+    lines += [
+        f"| {p['requests']:,} requests later | {p['rss_mib']:.1f} MiB |" for p in memory["later"]
+    ]
     lines += [
         "",
         "Reproduce: `make bench` (see bench/README.md).",
         "",
     ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def litellm_version(python: Path) -> str:
@@ -337,6 +401,7 @@ def main() -> int:
     parser.add_argument("--litellm-venv", type=Path, default=REPO / ".cache/bench-litellm")
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
+    parser.add_argument("--json", type=Path, default=BENCH / "results.json")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
@@ -399,10 +464,14 @@ def main() -> int:
 
         rss_fresh = rss_mib(procs["gateway"].pid)
         results = measure(targets, workdir, conns, args.duration)
-        rss = [("fresh, before any request", rss_fresh)]
-        rss += memory_run(targets["gateway"][0], workdir, procs["gateway"].pid, args.rss_requests)
-    write_results(args.out, results, conns, rss, args.duration, version)
-    print(f"results written to {args.out}; logs in {workdir}")
+        rss_after, rss_later = memory_run(
+            targets["gateway"][0], workdir, procs["gateway"].pid, args.rss_requests
+        )
+    data = results_data(results, conns, rss_fresh, rss_after, rss_later, args.duration, version)
+    args.json.write_text(json.dumps(data, indent=2) + "\n")
+    args.out.write_text(render_results(data))
+    print(f"results written to {args.json} and {args.out}; logs in {workdir}")
+    print("README's figures: python tools/readme_figures.py")
     return 0
 
 

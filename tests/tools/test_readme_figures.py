@@ -1,0 +1,146 @@
+"""tools/readme_figures.py: README blocks rendered from bench/results.json and the alert rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "readme_figures.py"
+RULES = REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
+
+RESULTS = {
+    "run": {
+        "time_utc": "2030-01-02T03:04+00:00",
+        "host": "fixture",
+        "cpus": 4,
+        "load_average_end": 0.5,
+        "python": "3.11.0",
+        "seconds_per_cell": 3,
+        "warmup_seconds": 1,
+        "litellm_version": None,
+    },
+    "non_streamed": [
+        {
+            "conns": c,
+            "direct": {"rps": 10000 * c, "errors": 0},
+            "gateway": {"rps": 1234 * c, "errors": 0, "added_p50_ms": 0.25, "added_p99_ms": 0.5},
+        }
+        for c in (1, 4)
+    ],
+    "streamed": [
+        {
+            "conns": c,
+            "direct": {"rps": 900 * c, "errors": 0},
+            "gateway": {"rps": 456 * c, "errors": 1, "added_p50_ms": 1.5, "added_p99_ms": 2.0},
+        }
+        for c in (1, 4)
+    ],
+    "memory": {
+        "fresh_mib": 50.0,
+        "after_throughput_mib": 51.25,
+        "later": [{"requests": 12345, "rss_mib": 52.0}],
+    },
+}
+
+README = """# project
+
+Prose before.
+
+<!-- bench:begin: generated -->
+Added p50 is under 1 ms up to 8 connections.
+<!-- bench:end -->
+
+Prose between.
+
+<!-- alerts:begin: generated -->
+| `VLLMDown` | for 5 m |
+<!-- alerts:end -->
+
+Prose after.
+"""
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    paths = {
+        "readme": tmp_path / "README.md",
+        "results": tmp_path / "results.json",
+        "results-md": tmp_path / "RESULTS.md",
+        "rules": tmp_path / "rules.yml",
+    }
+    paths["readme"].write_text(README)
+    paths["results"].write_text(json.dumps(RESULTS))
+    paths["rules"].write_text(RULES.read_text())
+    return paths
+
+
+def tool(paths: dict[str, Path], *extra: str) -> subprocess.CompletedProcess[str]:
+    args = [f"--{name}={path}" for name, path in paths.items()]
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args, *extra], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_blocks_are_rendered_from_the_json_and_the_rules_and_nothing_else(sources):
+    assert tool(sources).returncode == 0
+    readme = sources["readme"].read_text()
+    prose = " ".join(readme.split())  # sentences are wrapped to the README's width
+
+    assert "| non-streamed | 1 | 10,000 | 1,234 | 0.250 ms | 0.500 ms |" in readme
+    assert "| | 4 | 3,600 | 1,824 | 1.500 ms | 2.000 ms |" in readme
+    assert "run 2030-01-02 on 4 CPUs" in prose
+    assert "at 4 connections every server runs flat out" in prose
+    assert "50.0 MiB fresh, 51.2 MiB after the throughput runs, 52.0 MiB after 12,345" in prose
+    assert "LiteLLM" not in readme
+    assert "under 1 ms" not in readme
+    # The rules say `for: 2m` over a 5m window at 5 %.
+    assert "over 5 % of `/v1` requests in the last 5 m failed with 5xx, for 2 m" in readme
+    assert "| `VLLMDown` | critical | vLLM's metrics do not answer for 1 m |" in readme
+    for kept in ("Prose before.", "Prose between.", "Prose after."):
+        assert kept in readme
+    assert "Run 2030-01-02 03:04 UTC on fixture: 4 CPUs" in sources["results-md"].read_text()
+
+    assert tool(sources, "--check").returncode == 0
+
+
+def test_check_fails_and_changes_nothing_when_a_figure_was_typed_by_hand(sources):
+    tool(sources)
+    edited = sources["readme"].read_text().replace("1,234", "9,999")
+    sources["readme"].write_text(edited)
+
+    check = tool(sources, "--check")
+
+    assert check.returncode == 1
+    assert f"{sources['readme']} differs" in check.stderr
+    assert "-| non-streamed | 1 | 10,000 | 9,999 |" in check.stderr
+    assert sources["readme"].read_text() == edited
+
+
+def test_check_fails_when_a_rule_changes_under_the_alert_table(sources):
+    tool(sources)
+    sources["rules"].write_text(RULES.read_text().replace("for: 2m", "for: 7m"))
+
+    check = tool(sources, "--check")
+
+    assert check.returncode == 1
+    assert (
+        "+| `VLLMNotReady` | critical | the gateway's probe of vLLM (`upstream_up`) fails for 7 m"
+        in (check.stderr)
+    )
+
+
+def test_an_alert_without_readme_wording_is_refused_by_name(sources):
+    rules = yaml.safe_load(RULES.read_text())
+    rules["groups"][0]["rules"].append({"alert": "BrandNewAlert", "expr": "vector(1) > 0"})
+    sources["rules"].write_text(yaml.safe_dump(rules))
+
+    check = tool(sources, "--check")
+
+    assert check.returncode == 2
+    assert "alert BrandNewAlert has no README row" in check.stderr

@@ -1,0 +1,265 @@
+"""Render the README's generated blocks, so that no figure in them is typed by hand.
+
+    python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
+    python tools/readme_figures.py --check   fail when any of them differs (make lint)
+
+Two blocks of README.md, each between its marker comments:
+
+- ``bench``: the benchmark table and its sentences, from bench/results.json (written by
+  bench/run.py);
+- ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
+  rule's `for:`, its threshold and range window are read from the rule; the wording of a row
+  is in ALERTS below, with those values as placeholders.
+
+bench/RESULTS.md is checked too: it must be what bench/run.py's render_results makes of
+bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WIDTH = 96
+
+# Placeholders: {for} (the rule's `for:`), {window} (the first range window of its expression),
+# {threshold} (the first number its expression compares with), {percent} (that number as %),
+# {quantile} (`p95` for histogram_quantile(0.95, ...)).
+ALERTS: dict[str, tuple[str, str]] = {
+    "LLMGatewayDown": (
+        "Prometheus cannot scrape the gateway through nginx for {for}",
+        "`systemctl status llm-proxy nginx`, `journalctl -u llm-proxy`",
+    ),
+    "VLLMDown": (
+        "vLLM's metrics do not answer for {for}",
+        "`systemctl status vllm`, `journalctl -u vllm`: out of GPU memory, a crashed engine, "
+        "a model still loading",
+    ),
+    "VLLMNotReady": (
+        "the gateway's probe of vLLM (`upstream_up`) fails for {for}",
+        "clients get 503: see vLLM's log; the gateway itself is fine",
+    ),
+    "LLMGateway5xxRatioHigh": (
+        "over {percent} of `/v1` requests in the last {window} failed with 5xx, for {for}",
+        "the gateway's JSON log (`journalctl -u llm-proxy`) says which upstream error",
+    ),
+    "LLMGateway429RatioHigh": (
+        "over {percent} of `/v1` requests in the last {window} were refused by one limit "
+        "(label `reason`), for {for}",
+        "raise that limit or the key's, or tell the user",
+    ),
+    "VLLMRequestsWaiting": (
+        "more than {threshold} requests queue in vLLM for {for}",
+        "the model is saturated: lower `max_num_seqs` pressure, add GPUs or hosts, or lower "
+        "the gateway's concurrency",
+    ),
+    "VLLMKVCacheNearlyFull": (
+        "KV cache above {percent} for {for}",
+        "expect preemptions: raise `vllm_gpu_memory_utilization`, lower `vllm_max_model_len` "
+        "or `vllm_max_num_seqs`",
+    ),
+    "VLLMTimeToFirstTokenHigh": (
+        "{quantile} time to first token over the last {window} above {threshold} s, for {for}",
+        "queueing or long prompts: see waiting requests and KV cache",
+    ),
+    "HostDiskNearlyFull": (
+        "a real filesystem has less than {percent} free for {for}",
+        "model cache, Prometheus data (`prometheus_retention_*`), journals",
+    ),
+}
+
+
+class FiguresError(Exception):
+    """A source the README is rendered from is missing or does not fit."""
+
+
+def _and(values: list[str]) -> str:
+    return ", ".join(values[:-1]) + " and " + values[-1] if len(values) > 1 else "".join(values)
+
+
+def _duration(text: str) -> str:
+    """Prometheus' `2m` or `1h30m` as the README writes it: `2 m`, `1 h 30 m`."""
+    return re.sub(r"(\d+)([a-z]+)(?=\d|$)", r"\1 \2 ", text).strip()
+
+
+def render_bench(data: dict) -> str:
+    """The README's benchmark block from bench/results.json."""
+    run = data["run"]
+    version = run["litellm_version"]
+    lite = version is not None
+    intro = (
+        f"Benchmark (`make bench`; run {run['time_utc'][:10]} on {run['cpus']} CPUs, loopback; "
+        "figures from `bench/results.json`, full tables in `bench/RESULTS.md`): the gateway "
+        "with every control on, against direct access to the same fast upstream"
+        + (f" and LiteLLM's proxy ({version}, master key)" if lite else "")
+        + ":"
+    )
+    head = "| | conns | direct req/s | gateway req/s |"
+    if lite:
+        head += " LiteLLM req/s | gateway / LiteLLM |"
+    head += " gateway added p50 | gateway added p99 |"
+    lines = [textwrap.fill(intro, WIDTH, break_on_hyphens=False), "", head]
+    lines.append("|" + "---|" * (head.count("|") - 1))
+    for mode, label in (("non_streamed", "non-streamed"), ("streamed", "streamed")):
+        for i, r in enumerate(data[mode]):
+            d, g = r["direct"], r["gateway"]
+            first = f" {label} " if i == 0 else " "
+            line = f"|{first}| {r['conns']} | {d['rps']:,.0f} | {g['rps']:,.0f} |"
+            if lite:
+                line += f" {r['litellm']['rps']:,.0f} | {r['gateway_per_litellm']:.1f}x |"
+            line += f" {g['added_p50_ms']:.3f} ms | {g['added_p99_ms']:.3f} ms |"
+            lines.append(line)
+    conns = [r["conns"] for r in data["non_streamed"]]
+    notes = []
+    if conns[0] == 1 and len(conns) > 1:
+        busy = _and([str(c) for c in conns[1:]])
+        notes.append(
+            "At 1 connection the added time is what one request costs; at "
+            f"{busy} connections every server runs flat out and it is mostly queueing."
+        )
+    memory = data["memory"]
+    rss = (
+        f"Gateway RSS: {memory['fresh_mib']:.1f} MiB fresh, "
+        f"{memory['after_throughput_mib']:.1f} MiB after the throughput runs"
+    )
+    if memory["later"]:
+        last = memory["later"][-1]
+        rss += f", {last['rss_mib']:.1f} MiB after {last['requests']:,} more requests"
+    notes.append(rss + ".")
+    lines += ["", textwrap.fill(" ".join(notes), WIDTH, break_on_hyphens=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _rule_values(rule: dict) -> dict[str, str]:
+    expr = " ".join(str(rule["expr"]).split())
+    values = {"for": _duration(str(rule.get("for", "0s")))}
+    window = re.search(r"\[(\d+[a-z]+)\]", expr)
+    if window:
+        values["window"] = _duration(window.group(1))
+    quantile = re.search(r"histogram_quantile\(\s*(\d*\.?\d+)", expr)
+    if quantile:
+        values["quantile"] = f"p{round(float(quantile.group(1)) * 100, 6):g}"
+    # The first comparison with a number is the threshold (`> 0.05`, `< 0.10`, `== 0`).
+    threshold = re.search(r"(?:==|!=|>=|<=|>|<)\s*(-?\d+(?:\.\d+)?)", expr)
+    if threshold:
+        number = float(threshold.group(1))
+        values["threshold"] = f"{number:g}"
+        values["percent"] = f"{round(number * 100, 6):g} %"
+    return values
+
+
+def render_alerts(rules: dict) -> str:
+    """The README's alert table from the Prometheus rules file."""
+    lines = ["| alert | severity | fires when | what to do |", "|---|---|---|---|"]
+    names = []
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "alert" not in rule:
+                continue
+            name = rule["alert"]
+            names.append(name)
+            if name not in ALERTS:
+                raise FiguresError(
+                    f"alert {name} has no README row: add its wording to ALERTS in "
+                    "tools/readme_figures.py"
+                )
+            when, action = ALERTS[name]
+            try:
+                when = when.format(**_rule_values(rule))
+            except KeyError as missing:
+                raise FiguresError(
+                    f"alert {name}: its README wording needs {missing}, which its rule lacks"
+                ) from None
+            severity = rule.get("labels", {}).get("severity", "")
+            lines.append(f"| `{name}` | {severity} | {when} | {action} |")
+    if stale := sorted(set(ALERTS) - set(names)):
+        raise FiguresError(
+            f"ALERTS in tools/readme_figures.py names alerts not in the rules: {stale}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Put body between the lines `<!-- name:begin ... -->` and `<!-- name:end -->`."""
+    pattern = re.compile(
+        rf"^(<!-- {name}:begin\b[^\n]*-->\n)(.*?)^(<!-- {name}:end -->)$", re.M | re.S
+    )
+    if len(pattern.findall(text)) != 1:
+        raise FiguresError(
+            f"README.md needs exactly one block between `<!-- {name}:begin -->` and "
+            f"`<!-- {name}:end -->` lines"
+        )
+    return pattern.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(3), text)
+
+
+def _bench_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", path)
+    if spec is None or spec.loader is None:
+        raise FiguresError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _diff(path: Path, old: str, new: str) -> str:
+    lines = difflib.unified_diff(
+        old.splitlines(True), new.splitlines(True), f"{path} (now)", f"{path} (rendered)", n=1
+    )
+    return "".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; fail on drift")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md")
+    parser.add_argument("--bench", type=Path, default=REPO / "bench" / "run.py")
+    parser.add_argument(
+        "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
+    )
+    args = parser.parse_args(argv)
+    try:
+        data = json.loads(args.results.read_text())
+        readme = args.readme.read_text()
+        wanted = replace_block(readme, "bench", render_bench(data))
+        wanted = replace_block(
+            wanted, "alerts", render_alerts(yaml.safe_load(args.rules.read_text()))
+        )
+        results_md = _bench_module(args.bench).render_results(data)
+    except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
+        print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    outputs = [(args.readme, wanted), (args.results_md, results_md)]
+    drift = [(p, new) for p, new in outputs if not p.exists() or p.read_text() != new]
+    if not args.check:
+        for path, new in drift:
+            path.write_text(new)
+            print(f"rewrote {path}")
+        return 0
+    for path, new in drift:
+        old = path.read_text() if path.exists() else ""
+        print(_diff(path, old, new), file=sys.stderr, end="")
+        print(
+            f"{path} differs from what tools/readme_figures.py renders from {args.results.name} "
+            f"and {args.rules.name}: do not edit it by hand; run `python "
+            "tools/readme_figures.py` (after `make bench`, or after changing the rules or "
+            "the wording in tools/readme_figures.py)",
+            file=sys.stderr,
+        )
+    return 1 if drift else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
