@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, KeyDefaults, load_config
-from .keys import KeysFileError, KeyStore, new_key, parse_keys
+from .keys import DEFAULT_MAX_BYTES, KeysFileError, KeyStore, new_key, parse_keys, read_keys_file
 
 EXIT_CONFIG = 2
 
 
 def _load(path: Path) -> tuple[Config, KeyStore]:
     config = load_config(path)
-    keys = KeyStore(config.api_keys_file, config.key_defaults)
+    keys = KeyStore(config.api_keys_file, config.key_defaults, config.keys_file_max_bytes)
     keys.load()
     return config, keys
 
@@ -25,6 +25,7 @@ def _serve(config: Config, path: Path) -> int:
     import uvicorn
 
     from .app import create_app
+    from .framing import GatewayHttpProtocol
 
     app = create_app(config, path)
     # uvicorn's own records (startup, errors) go through the gateway's JSON log.
@@ -40,7 +41,8 @@ def _serve(config: Config, path: Path) -> int:
             host=config.fastapi_host,
             port=config.fastapi_port,
             loop="uvloop",
-            http="httptools",
+            # httptools with limits on the request head and refusals in OpenAI's shape.
+            http=GatewayHttpProtocol,
             lifespan="on",
             log_config=None,
             access_log=False,
@@ -67,11 +69,11 @@ def _check(path: Path) -> int:
     return 0
 
 
-def _check_keys(path: Path) -> int:
+def _check_keys(path: Path, max_bytes: int) -> int:
     # Used as Ansible's `validate:` on a keys file before it replaces the one in force,
     # so it needs no config: per-key defaults do not change whether a file is valid.
     try:
-        keys = parse_keys(path.read_bytes(), KeyDefaults(), str(path))
+        keys = parse_keys(read_keys_file(path, max_bytes), KeyDefaults(), str(path))
     except OSError as e:
         print(f"{path}: cannot read keys file: {e.strerror}", file=sys.stderr)
         return EXIT_CONFIG
@@ -105,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--config", type=Path, dest="sub_config")
     p_keys = sub.add_parser("check-keys", help="validate a keys file on its own")
     p_keys.add_argument("keys_file", type=Path)
+    p_keys.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help=f"refuse a larger file (the config's keys_file_max_bytes; {DEFAULT_MAX_BYTES})",
+    )
     p_key = sub.add_parser("new-key", help="print a new API key and its sha256")
     p_key.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "new-key":
         return _new_key(args.json)
     if command == "check-keys":
-        return _check_keys(args.keys_file)
+        return _check_keys(args.keys_file, args.max_bytes)
     path = getattr(args, "sub_config", None) or args.config
     if path is None:
         parser.error(f"{command} needs --config PATH")

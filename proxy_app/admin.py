@@ -1,27 +1,26 @@
-"""The operator's API, on FastAPI: key reloads and usage, for admin keys only.
+"""The operator's API, on FastAPI: key reloads and usage.
 
 These endpoints are rare and benefit from typed models and validation; the forwarding hot
-path does not go through FastAPI (see proxy.py).
+path does not go through FastAPI (see proxy.py). The gateway (app.py) hands this app only
+requests made with an admin key.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ApiError, bad_request, method_not_allowed, not_found
-from .keys import ApiKey, KeyStore, ReloadResult, require_admin
+from .keys import KeyStore, ReloadResult
 from .usage import UsageStore, usage_report
-
-INFO_KEY = "llmhost.info"
 
 
 class ReloadOut(BaseModel):
@@ -61,32 +60,22 @@ def _error_response(err: ApiError) -> Response:
     return Response(err.body(), err.status, headers=headers, media_type="application/json")
 
 
-def _admin_key(request: Request) -> ApiKey:
-    keys: KeyStore = request.app.state.keys
-    header = request.headers.get("authorization")
-    key = keys.authenticate(header.encode("latin-1") if header else None, time.time())
-    info = request.scope.get(INFO_KEY)
-    if info is not None:
-        info.user = key.user
-        info.key_id = key.key_id
-    require_admin(key)
-    return key
-
-
-Admin = Annotated[ApiKey, Depends(_admin_key)]
-
-
 def build_admin_app(
-    *, keys: KeyStore, usage: UsageStore, reload_keys: Callable[[str], ReloadResult]
+    *,
+    keys: KeyStore,
+    usage: UsageStore,
+    reload_keys: Callable[[str], Awaitable[ReloadResult]],
 ) -> FastAPI:
     """The FastAPI app serving /admin/*."""
     app = FastAPI(title="llmhost gateway admin", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.keys = keys
+    # /admin/usage/ is not /admin/usage: no redirect, whose Location would be built from
+    # the client's Host header.
+    app.router.redirect_slashes = False
 
     @app.post("/admin/reload-keys", response_model=ReloadOut)
-    def reload(_: Admin) -> Any:
+    async def reload() -> Any:
         """Reload the keys file; a bad file is refused and the keys in force stay."""
-        result = reload_keys("admin")
+        result = await reload_keys("admin")
         if not result.ok:
             raise ApiError(
                 422,
@@ -98,7 +87,6 @@ def build_admin_app(
 
     @app.get("/admin/usage", response_model=UsageOut)
     async def get_usage(
-        _: Admin,
         user: Annotated[str | None, Query(max_length=128)] = None,
         key_id: Annotated[str | None, Query(max_length=64)] = None,
     ) -> Any:
@@ -118,9 +106,6 @@ def build_admin_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
-        info = request.scope.get(INFO_KEY)
-        if info is not None:
-            info.error = exc.metric_type
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -133,7 +118,8 @@ def build_admin_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 405:
-            return _error_response(method_not_allowed(request.method, request.url.path))
+            allowed = (exc.headers or {}).get("Allow", "").split(", ")
+            return _error_response(method_not_allowed(request.method, request.url.path, allowed))
         if exc.status_code == 404:
             return _error_response(not_found(request.url.path))
         return _error_response(

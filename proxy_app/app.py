@@ -13,12 +13,11 @@ from typing import Any
 
 import orjson
 
-from .admin import INFO_KEY, build_admin_app
+from .admin import build_admin_app
 from .asgi import (
     ClientAddress,
     ClientGone,
     Receive,
-    RequestInfo,
     Scope,
     Send,
     request_id_from,
@@ -26,16 +25,24 @@ from .asgi import (
     respond_error,
 )
 from .config import RELOADABLE, Config, ConfigError, load_config
-from .errors import ApiError, internal_error, method_not_allowed, not_found, upstream_unavailable
-from .keys import KeyStore, ReloadResult
-from .logs import LEVELS, JsonLog, timestamp
+from .errors import (
+    ApiError,
+    bad_request,
+    internal_error,
+    method_not_allowed,
+    not_found,
+    upstream_unavailable,
+)
+from .keys import KeyStore, ReloadResult, require_admin
+from .logs import LEVELS, JsonLog
 from .metrics import Metrics, endpoint_label
+from .outcome import Outcome
 from .proxy import Proxy
 from .ratelimit import Limiter
 from .upstream import UpstreamError, UpstreamPool
 from .usage import RedisUsageStore, SqliteUsageStore, UsageStore
 
-Handler = Callable[[Receive, Send, RequestInfo, dict[bytes, bytes]], Awaitable[None]]
+Handler = Callable[[Receive, Send, Outcome, dict[bytes, bytes]], Awaitable[None]]
 
 _HEALTH_BODY = b'{"status":"ok"}'
 _GET = frozenset({"GET", "HEAD"})
@@ -50,10 +57,12 @@ class Gateway:
         self.config_path = config_path
         self.metrics = Metrics()
         self.log = JsonLog(config.log_level, config.log_file)
-        self.keys = KeyStore(config.api_keys_file, config.key_defaults)
+        self.keys = KeyStore(config.api_keys_file, config.key_defaults, config.keys_file_max_bytes)
         self.client_address = ClientAddress(config.trusted_proxies)
         self._log_requests = LEVELS["info"] >= self.log.level
         self._tasks: list[asyncio.Task[None]] = []
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
         self._redis: Any = None
         self.usage: UsageStore | None = None
         self.limiter: Limiter | None = None
@@ -102,7 +111,7 @@ class Gateway:
         }
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         self._tasks = [
             asyncio.create_task(self._watch_keys()),
             asyncio.create_task(self._probe_upstream()),
@@ -152,11 +161,16 @@ class Gateway:
 
     # reloads
 
-    def reload(self) -> None:
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> None:
         """SIGHUP: apply the config file's reloadable settings, then read the keys again."""
         if self.config_path is not None:
             self._reload_config(self.config_path)
-        self.reload_keys("sighup")
+        await self.reload_keys("sighup")
 
     def _reload_config(self, path: Path) -> None:
         try:
@@ -187,9 +201,15 @@ class Gateway:
             key_defaults=new.key_defaults.model_dump(),
         )
 
-    def reload_keys(self, source: str) -> ReloadResult:
-        """Reload the keys file (admin call, SIGHUP or file change) and say how it went."""
-        result = self.keys.reload()
+    async def reload_keys(self, source: str) -> ReloadResult:
+        """Reload the keys file (admin call, SIGHUP or file change) and say how it went.
+
+        The file is read and validated in a worker thread, one reload at a time: a large
+        file must not stall the requests in flight. The new keys replace the old in one
+        assignment, so a request sees either set whole.
+        """
+        async with self._reload_lock:
+            result = await asyncio.to_thread(self.keys.reload)
         self.metrics.key_reloads.labels("ok" if result.ok else "error").inc()
         self.metrics.keys_loaded.set(len(self.keys.keys))
         if result.ok:
@@ -210,7 +230,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.config.keys_poll_interval)
             if self.keys.changed():
-                self.reload_keys("file_change")
+                await self.reload_keys("file_change")
 
     async def _probe_upstream(self) -> None:
         while True:
@@ -234,12 +254,12 @@ class Gateway:
     # small endpoints
 
     async def _health(
-        self, receive: Receive, send: Send, info: RequestInfo, headers: dict[bytes, bytes]
+        self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]
     ) -> None:
-        await respond(send, info, 200, _HEALTH_BODY)
+        await respond(send, outcome, 200, _HEALTH_BODY)
 
     async def _ready(
-        self, receive: Receive, send: Send, info: RequestInfo, headers: dict[bytes, bytes]
+        self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]
     ) -> None:
         if not await self.upstream_ok():
             raise upstream_unavailable("Not ready: the model server does not answer /health.")
@@ -251,12 +271,12 @@ class Gateway:
             if not ok:
                 raise upstream_unavailable("Not ready: Redis does not answer.")
         body = orjson.dumps({"status": "ready", "upstream": "up", "keys": len(self.keys.keys)})
-        await respond(send, info, 200, body)
+        await respond(send, outcome, 200, body)
 
     async def _metrics(
-        self, receive: Receive, send: Send, info: RequestInfo, headers: dict[bytes, bytes]
+        self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]
     ) -> None:
-        await respond(send, info, 200, self.metrics.render(), self.metrics.content_type.encode())
+        await respond(send, outcome, 200, self.metrics.render(), self.metrics.content_type.encode())
 
     # ASGI
 
@@ -269,11 +289,12 @@ class Gateway:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        headers = dict(scope["headers"])
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        headers = dict(raw_headers)
         path: str = scope["path"]
         method: str = scope["method"]
         client = scope.get("client")
-        info = RequestInfo(
+        outcome = Outcome(
             request_id=request_id_from(headers.get(b"x-request-id")),
             method=method,
             path=path,
@@ -286,87 +307,80 @@ class Gateway:
         metrics = self.metrics
         metrics.active.inc()
         try:
+            if len(headers) != len(raw_headers):
+                _refuse_repeated_credentials(raw_headers)
             route = self.routes.get(path)
             if route is not None:
                 if method not in route[0]:
-                    raise method_not_allowed(method, path)
-                await route[1](receive, send, info, headers)
+                    raise method_not_allowed(method, path, route[0])
+                await route[1](receive, send, outcome, headers)
             elif path.startswith("/admin/") and self.admin is not None:
-                await self._to_admin(scope, receive, send, info)
+                await self._to_admin(scope, receive, send, outcome, headers)
             else:
                 raise not_found(path)
         except ApiError as e:
             if e.reason is not None:
                 metrics.rejections.labels(e.reason).inc()
-            if not info.response_started:
-                await respond_error(send, info, e)
+            if not outcome.response_started:
+                await respond_error(send, outcome, e)
         except ClientGone:
-            info.status = 499
-            info.error = "client_disconnect"
+            outcome.client_left()
         except Exception:
             self.log.log(
                 "error",
                 "unhandled_error",
-                request_id=info.request_id,
+                request_id=outcome.request_id,
                 path=path,
                 traceback=traceback.format_exc(),
             )
-            if not info.response_started:
-                await respond_error(send, info, internal_error())
+            if not outcome.response_started:
+                await respond_error(send, outcome, internal_error())
             else:
-                info.error = "internal_error"
+                outcome.failed("internal_error")
         finally:
             metrics.active.dec()
-            duration = time.perf_counter() - start
-            metrics.request_done(method, info.endpoint, info.status, duration)
-            if info.error is not None:
-                metrics.errors.labels(info.error).inc()
-            if self._log_requests:
-                self._log_request(info, duration)
+            outcome.finish(metrics, self.log if self._log_requests else None)
 
     async def _to_admin(
-        self, scope: Scope, receive: Receive, send: Send, info: RequestInfo
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        outcome: Outcome,
+        headers: dict[bytes, bytes],
     ) -> None:
-        scope[INFO_KEY] = info
-        rid = info.request_id.encode()
+        # Every admin path needs an admin key, checked here like every other key, so the
+        # admin app itself never sees a request that is not an admin's.
+        key = self.keys.authenticate(headers.get(b"authorization"), time.time())
+        outcome.identify(key.user, key.key_id)
+        require_admin(key)
+        rid = outcome.request_id.encode()
 
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                info.status = message["status"]
-                info.response_started = True
+                outcome.responding(message["status"])
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
             await send(message)
 
         await self.admin(scope, receive, send_with_id)
 
-    def _log_request(self, info: RequestInfo, duration: float) -> None:
-        record: dict[str, Any] = {
-            "ts": timestamp(time.time()),
-            "level": "info",
-            "event": "request",
-            "request_id": info.request_id,
-            "method": info.method,
-            "path": info.path[:256],
-            "status": info.status,
-            "duration_ms": round(duration * 1000, 3),
-            "client_ip": info.client_ip,
-            "user": info.user,
-            "key_id": info.key_id,
-            "model": info.model,
-            "stream": info.stream,
-            "prompt_tokens": info.prompt_tokens,
-            "completion_tokens": info.completion_tokens,
-            "limit": info.limit,
-        }
-        if info.tokens_estimated:
-            record["tokens_estimated"] = True
-        if info.upstream_ms is not None:
-            record["upstream_ms"] = round(info.upstream_ms, 3)
-        if info.ttft_ms is not None:
-            record["ttft_ms"] = round(info.ttft_ms, 3)
-        if info.error is not None:
-            record["error"] = info.error
-        self.log.write(record)
+
+# Headers that carry credentials: given twice, two readers could pick different ones.
+_CREDENTIALS = frozenset({b"authorization"})
+
+
+def _refuse_repeated_credentials(raw_headers: list[tuple[bytes, bytes]]) -> None:
+    """400 when a credentials header appears more than once."""
+    seen: set[bytes] = set()
+    for name, _ in raw_headers:
+        if name in _CREDENTIALS:
+            if name in seen:
+                raise bad_request(
+                    f"The {name.decode()} header may appear only once.",
+                    name.decode(),
+                    "duplicate_header",
+                )
+            seen.add(name)
 
 
 def create_app(config: Config, config_path: Path | None = None) -> Gateway:

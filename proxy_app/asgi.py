@@ -6,10 +6,10 @@ import ipaddress
 import os
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import ApiError, Headers, bad_request, too_large
+from .outcome import Outcome
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -22,31 +22,6 @@ JSON = b"application/json"
 
 class ClientGone(Exception):
     """The client closed the connection before the request was read."""
-
-
-@dataclass(slots=True)
-class RequestInfo:
-    """What the request log line and the metrics say about one request."""
-
-    request_id: str
-    method: str
-    path: str
-    endpoint: str
-    client_ip: str | None
-    start: float
-    status: int = 0
-    user: str | None = None
-    key_id: str | None = None
-    model: str | None = None
-    stream: bool | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    tokens_estimated: bool = False
-    limit: str | None = None
-    error: str | None = None
-    upstream_ms: float | None = None
-    ttft_ms: float | None = None
-    response_started: bool = False
 
 
 def request_id_from(header: bytes | None) -> str:
@@ -117,7 +92,7 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
 
 async def respond(
     send: Send,
-    info: RequestInfo,
+    outcome: Outcome,
     status: int,
     body: bytes,
     content_type: bytes = JSON,
@@ -127,19 +102,16 @@ async def respond(
     h = [
         (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", info.request_id.encode()),
+        (b"x-request-id", outcome.request_id.encode()),
     ]
     if headers:
         h.extend(headers)
-    info.status = status
-    info.response_started = True
+    outcome.responding(status)
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
 
 
-async def respond_error(send: Send, info: RequestInfo, err: ApiError) -> None:
+async def respond_error(send: Send, outcome: Outcome, err: ApiError) -> None:
     """Send an ApiError in OpenAI's shape."""
-    info.error = err.metric_type
-    if err.reason is not None:
-        info.limit = err.reason
-    await respond(send, info, err.status, err.body(), headers=err.headers)
+    outcome.refused(err)
+    await respond(send, outcome, err.status, err.body(), headers=err.headers)

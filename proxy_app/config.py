@@ -62,6 +62,9 @@ class Config(_Strict):
     # Seconds an idle client connection (nginx's) stays open.
     keep_alive_timeout: Seconds = 75.0
     api_keys_file: Path
+    # A larger keys file is refused: reading one takes memory and time in proportion
+    # (a 47 MiB file took 1.2 GB and seconds to validate). 4 MiB holds about 25,000 keys.
+    keys_file_max_bytes: PositiveInt = 4 * 1024 * 1024
     rate_limit: RateLimit = RateLimit()
     key_defaults: KeyDefaults = KeyDefaults()
     state_dir: Path = Path("/var/lib/llm-proxy")

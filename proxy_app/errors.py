@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import orjson
 
 Headers = list[tuple[bytes, bytes]]
@@ -84,13 +86,14 @@ def not_found(path: str) -> ApiError:
     )
 
 
-def method_not_allowed(method: str, path: str) -> ApiError:
-    """405 for a known path asked with the wrong method."""
+def method_not_allowed(method: str, path: str, allowed: Iterable[str]) -> ApiError:
+    """405 for a known path asked with the wrong method; ``Allow`` lists the right ones."""
     return ApiError(
         405,
         f"Method {method} is not allowed for {path}.",
         "invalid_request_error",
         "method_not_allowed",
+        headers=[(b"allow", ", ".join(sorted(allowed)).encode())],
         metric_type="bad_request",
     )
 

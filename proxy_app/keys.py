@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import KeyDefaults, QuotaPeriod
+from .config import Config, KeyDefaults, QuotaPeriod
 from .errors import forbidden, unauthorized
 
 PositiveInt = Annotated[int, Field(gt=0)]
 KEY_ID_LEN = 12
+DEFAULT_MAX_BYTES: int = Config.model_fields["keys_file_max_bytes"].default
 
 
 def key_digest(key: str) -> str:
@@ -131,8 +133,27 @@ def _resolve(entry: KeyEntry, defaults: KeyDefaults) -> ApiKey:
     )
 
 
+def _refuse_repeated_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise KeysFileError(f"member {', '.join(map(repr, repeated))} given more than once")
+    return dict(pairs)
+
+
 def parse_keys(raw: bytes, defaults: KeyDefaults, source: str = "keys file") -> dict[str, ApiKey]:
-    """Validate a keys file's bytes; returns keys by digest or raises KeysFileError."""
+    """Validate a keys file's bytes; returns keys by digest or raises KeysFileError.
+
+    Refused besides what the schema says: a member given twice in one object (JSON parsers
+    keep the last one silently, so a second "keys" would replace the first unseen) and an
+    empty list of keys (it would lock everyone out, the admin API included).
+    """
+    try:
+        json.loads(raw, object_pairs_hook=_refuse_repeated_members)
+    except KeysFileError as e:
+        raise KeysFileError(f"{source}: {e}") from None
+    except ValueError:
+        pass  # not JSON: the schema's parser below says where
     try:
         parsed = KeysFile.model_validate_json(raw)
     except ValidationError as e:
@@ -141,6 +162,8 @@ def parse_keys(raw: bytes, defaults: KeyDefaults, source: str = "keys file") -> 
             loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
             problems.append(f"{loc}: {err['msg']}")
         raise KeysFileError(f"{source}: " + "; ".join(problems)) from None
+    if not parsed.keys:
+        raise KeysFileError(f"{source}: no keys: a file without keys would lock everyone out")
     keys: dict[str, ApiKey] = {}
     seen_at: dict[str, int] = {}
     for i, entry in enumerate(parsed.keys):
@@ -155,6 +178,17 @@ def parse_keys(raw: bytes, defaults: KeyDefaults, source: str = "keys file") -> 
     return keys
 
 
+def read_keys_file(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes; KeysFileError when it is larger than ``max_bytes``."""
+    with path.open("rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise KeysFileError(
+            f"{path}: larger than the limit of {max_bytes} bytes (keys_file_max_bytes)"
+        )
+    return raw
+
+
 def _file_signature(path: Path) -> tuple[int, int, int, int]:
     st = path.stat()
     return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
@@ -163,9 +197,12 @@ def _file_signature(path: Path) -> tuple[int, int, int, int]:
 class KeyStore:
     """The keys in force, replaced whole on a successful reload and kept on a failed one."""
 
-    def __init__(self, path: Path, defaults: KeyDefaults) -> None:
+    def __init__(
+        self, path: Path, defaults: KeyDefaults, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
         self.path = path
         self.defaults = defaults
+        self.max_bytes = max_bytes
         self.keys: dict[str, ApiKey] = {}
         self.loaded_at: float | None = None
         self._signature: tuple[int, int, int, int] | None = None
@@ -174,11 +211,14 @@ class KeyStore:
         """(Re)load the file; returns the number of keys or raises KeysFileError."""
         try:
             signature = _file_signature(self.path)
-            raw = self.path.read_bytes()
+            raw = read_keys_file(self.path, self.max_bytes)
         except OSError as e:
             # Remember the failure's signature too, so the watcher does not log it every poll.
             self._signature = None
             raise KeysFileError(f"{self.path}: cannot read keys file: {e.strerror}") from e
+        except KeysFileError:
+            self._signature = signature
+            raise
         try:
             keys = parse_keys(raw, self.defaults, str(self.path))
         finally:

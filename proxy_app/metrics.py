@@ -101,7 +101,13 @@ class Metrics:
         )
         self.client_disconnects = Counter(
             "gateway_client_disconnects_total",
-            "Streams the client left before their end",
+            "Requests whose client left before the end of the answer",
+            registry=r,
+        )
+        self.usage_estimated = Counter(
+            "gateway_usage_estimated_total",
+            "Requests charged an estimate because vLLM reported no usage, by reason",
+            ["reason"],
             registry=r,
         )
         self._req_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}

@@ -15,16 +15,17 @@ from typing import Any
 
 import orjson
 
-from .asgi import Receive, RequestInfo, Send, read_body, respond
+from .asgi import Receive, Send, read_body, respond
 from .errors import ApiError, bad_request, error_body, upstream_error, upstream_timeout
 from .errors import upstream_unavailable as unavailable
 from .keys import ApiKey, KeyStore, check_model
 from .logs import JsonLog
 from .metrics import Metrics
+from .outcome import Outcome, Tokens
 from .ratelimit import Limiter
-from .sse import SseScanner, usage_of
+from .sse import usage_of
+from .stream import ClientWatch, StreamRelay
 from .upstream import (
-    UpstreamBroken,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
@@ -33,12 +34,6 @@ from .upstream import (
 )
 from .usage import UsageStore, quota_exhausted
 
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    # nginx must not buffer the stream either.
-    (b"x-accel-buffering", b"no"),
-]
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 # Without a usage chunk (client gone, vLLM dropped), prompt tokens are estimated from the
 # prompt's length: about 4 bytes per token for English text with BPE tokenizers.
@@ -53,7 +48,11 @@ class ParsedRequest:
     model: str
     stream: bool
     wants_usage: bool
-    prompt_estimate: int
+    fields: dict[str, Any]
+
+    def prompt_estimate(self) -> int:
+        """The prompt's tokens guessed from its length, for when vLLM reports none."""
+        return _prompt_estimate(self.fields)
 
 
 def _prompt_estimate(obj: dict[str, Any]) -> int:
@@ -68,47 +67,6 @@ def _prompt_estimate(obj: dict[str, Any]) -> int:
     if prompt is not None:
         size += len(orjson.dumps(prompt))
     return max(1, size // _BYTES_PER_TOKEN)
-
-
-# A client that stops waiting for a whole answer is watched for only once the answer has
-# taken this long: quick answers pay one timer, not a task reading the client's connection.
-_WATCH_AFTER = 1.0
-
-
-class DisconnectWatch:
-    """Cancels the current task when its client disconnects (``gone`` then says so).
-
-    Reading ``receive`` starts only after ``after`` seconds; a disconnect that happened
-    earlier is seen then. Close it when the wait it guards is over.
-    """
-
-    __slots__ = ("_receive", "_task", "_timer", "_watcher", "gone")
-
-    def __init__(self, receive: Receive, after: float = _WATCH_AFTER) -> None:
-        self._receive = receive
-        self._task = asyncio.current_task()
-        self._watcher: asyncio.Future[None] | None = None
-        self.gone = False
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            after, self._start
-        )
-
-    def _start(self) -> None:
-        self._timer = None
-        self._watcher = asyncio.ensure_future(self._watch())
-
-    async def _watch(self) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        if self._task is not None:
-            self._task.cancel()
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
 
 
 _REQUIRED = {
@@ -151,7 +109,7 @@ def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
         raise bad_request("'stream_options' must be an object.", "stream_options", "invalid_type")
     wants_usage = bool(options and options.get("include_usage"))
     if not stream or endpoint == "/v1/embeddings":
-        return ParsedRequest(body, model, False, wants_usage, 0)
+        return ParsedRequest(body, model, False, wants_usage, obj)
     if not wants_usage:
         # vLLM reports a stream's tokens only when asked: ask, and drop the chunk on return.
         if "stream_options" not in obj:
@@ -160,11 +118,13 @@ def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
         else:
             obj["stream_options"] = {**(options or {}), "include_usage": True}
             body = orjson.dumps(obj)
-    return ParsedRequest(body, model, True, wants_usage, _prompt_estimate(obj))
+    return ParsedRequest(body, model, True, wants_usage, obj)
 
 
-def upstream_api_error(e: UpstreamError) -> ApiError:
+def upstream_api_error(e: UpstreamError | ApiError) -> ApiError:
     """The client-facing error for a failure to talk to vLLM."""
+    if isinstance(e, ApiError):
+        return e
     if isinstance(e, UpstreamUnavailable):
         return unavailable(f"The model server is not reachable: {e.message}.")
     if isinstance(e, UpstreamTimeout):
@@ -189,6 +149,20 @@ def openai_error_body(status: int, body: bytes) -> bytes:
         "invalid_request_error" if status < 500 else "server_error",
         f"upstream_{status}",
     )
+
+
+def _model_list(body: bytes) -> dict[str, Any]:
+    """vLLM's /v1/models answer, checked to be in OpenAI's shape; 502 if it is not."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    data = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(data, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("id"), str) for m in data
+    ):
+        raise upstream_error("The model server's model list is not in OpenAI's shape.")
+    return obj  # type: ignore[return-value]
 
 
 class Proxy:
@@ -216,17 +190,15 @@ class Proxy:
         self._latency = {e: metrics.upstream_latency.labels(e) for e in (*_REQUIRED, "/v1/models")}
 
     async def completion(
-        self, receive: Receive, send: Send, info: RequestInfo, headers: dict[bytes, bytes]
+        self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]
     ) -> None:
         """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
         now = time.time()
         key = self.keys.authenticate(headers.get(b"authorization"), now)
-        info.user = key.user
-        info.key_id = key.key_id
+        outcome.identify(key.user, key.key_id)
         body = await read_body(receive, headers.get(b"content-length"), self.max_body)
-        req = parse_request(body, info.endpoint)
-        info.model = req.model
-        info.stream = req.stream
+        req = parse_request(body, outcome.endpoint)
+        outcome.requested(req.model, req.stream)
         check_model(key, req.model)
         try:
             if key.quota is not None:
@@ -238,7 +210,9 @@ class Proxy:
             raise
         except Exception as e:
             # Redis gone: refuse rather than serve without limits and quotas.
-            self.log.log("error", "limit_store_failed", request_id=info.request_id, error=repr(e))
+            self.log.log(
+                "error", "limit_store_failed", request_id=outcome.request_id, error=repr(e)
+            )
             raise ApiError(
                 503,
                 "The gateway cannot check limits right now; try again shortly.",
@@ -246,9 +220,9 @@ class Proxy:
                 "limit_store_unavailable",
                 headers=[(b"retry-after", b"5")],
             ) from None
-        info.limit = "allowed"
+        outcome.admitted()
         try:
-            await self._forward(receive, send, info, key, req)
+            await self._forward(receive, send, outcome, key, req)
         finally:
             try:
                 await self.limiter.release(admission)
@@ -257,103 +231,132 @@ class Proxy:
                 self.log.log("error", "limit_release_failed", error=repr(e))
 
     async def _forward(
-        self, receive: Receive, send: Send, info: RequestInfo, key: ApiKey, req: ParsedRequest
+        self, receive: Receive, send: Send, outcome: Outcome, key: ApiKey, req: ParsedRequest
     ) -> None:
-        t0 = time.perf_counter()
-        try:
-            if req.stream:
-                resp = await self.upstream.request(
-                    "POST", info.endpoint, req.body, request_id=info.request_id, streaming=True
-                )
-                if resp.status == 200 and (resp.header(b"content-type") or b"").startswith(
-                    b"text/event-stream"
-                ):
-                    await self._stream(receive, send, info, key, req, resp, t0)
-                    return
-                body = await resp.read()
-            else:
-                # A whole answer can take minutes. If the client leaves meanwhile, the wait is
-                # cancelled and the connection to vLLM dropped: vLLM stops generating.
-                watch = DisconnectWatch(receive)
-                try:
-                    resp, body = await self._fetch(info, req)
-                except asyncio.CancelledError:
-                    if not watch.gone:
-                        raise  # the server is stopping
-                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                    await self._abandoned(key, info, req, t0)
-                    return
-                finally:
-                    watch.close()
-        except UpstreamError as e:
-            if isinstance(e, UpstreamUnavailable):
-                self.metrics.upstream_up.set(0)
-            raise upstream_api_error(e) from None
-        elapsed = time.perf_counter() - t0
-        info.upstream_ms = elapsed * 1000
-        if resp.status != 200:
-            await self._relay_error(send, info, resp, body)
-            return
-        self._ttft[info.endpoint].observe(elapsed)
-        self._latency[info.endpoint].observe(elapsed)
-        try:
-            tokens = usage_of(orjson.loads(body).get("usage"))
-        except (orjson.JSONDecodeError, AttributeError):
-            tokens = None
-        if tokens is None:
-            self.log.log("warning", "usage_missing", request_id=info.request_id, path=info.endpoint)
-            tokens = (0, 0)
-        await self._charge(key, info, tokens[0], tokens[1], estimated=False)
-        await respond(send, info, 200, body, resp.header(b"content-type") or b"application/json")
+        """Send the request to vLLM and its answer to the client; charge what it used.
 
-    async def _fetch(self, info: RequestInfo, req: ParsedRequest) -> tuple[UpstreamResponse, bytes]:
-        resp = await self.upstream.request(
-            "POST", info.endpoint, req.body, request_id=info.request_id
-        )
-        return resp, await resp.read()
-
-    async def _abandoned(
-        self, key: ApiKey, info: RequestInfo, req: ParsedRequest, t0: float
-    ) -> None:
-        """The client left before its whole answer: vLLM was stopped; the prompt is charged.
-
-        What vLLM generated before it stopped is unknown here, so the record says estimated.
+        One watch covers the whole wait, streamed or not, from the request to the last
+        chunk: a client that leaves cancels it, vLLM's connection is dropped (vLLM stops
+        generating) and what was used so far is charged as an estimate.
         """
-        info.upstream_ms = (time.perf_counter() - t0) * 1000
-        info.status = 499
-        info.error = "client_disconnect"
-        self.metrics.client_disconnects.inc()
-        prompt = _prompt_estimate(orjson.loads(req.body))
-        # On failure usage_record_failed is logged with the figures; nobody is left to tell.
-        with contextlib.suppress(ApiError):
-            await self._charge(key, info, prompt, 0, estimated=True)
+        endpoint = outcome.endpoint
+        relay = StreamRelay(send, outcome, req.wants_usage) if req.stream else None
+        resp: UpstreamResponse | None = None
+        body = b""
+        failure: UpstreamError | None = None
+        stopping = False
+        t0 = time.perf_counter()
+        watch = ClientWatch(receive)
+        try:
+            resp = await self.upstream.request(
+                "POST", endpoint, req.body, request_id=outcome.request_id, streaming=req.stream
+            )
+            if relay is not None and relay.accepts(resp):
+                await relay.pump(resp, t0, self._ttft[endpoint])
+            else:
+                body = await resp.read()
+        except UpstreamError as e:
+            failure = e
+        except asyncio.CancelledError:
+            if watch.gone:
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            else:
+                stopping = True  # the server is stopping: charge, then stop
+        finally:
+            watch.close()
+            if resp is not None and not resp.done:
+                resp.abort()
+        elapsed = time.perf_counter() - t0
+        outcome.upstream_done(elapsed)
+        if isinstance(failure, UpstreamUnavailable):
+            self.metrics.upstream_up.set(0)
+
+        if relay is not None and relay.started:
+            self._latency[endpoint].observe(elapsed)
+            tokens = relay.tokens(req.prompt_estimate())
+            if tokens.estimated:
+                self._estimated(outcome, watch.gone, stopping)
+            problem: UpstreamError | ApiError | None = failure
+            try:
+                await self._charge(key, outcome, tokens)
+            except ApiError as e:
+                problem = problem or e
+            if stopping:
+                raise asyncio.CancelledError
+            if watch.gone:
+                outcome.client_left()
+            elif problem is not None:
+                await relay.end_with_error(upstream_api_error(problem))
+            else:
+                await relay.end()
+            return
+
+        if watch.gone or stopping:
+            # Nothing reached the client; what vLLM generated before it stopped is unknown.
+            self._estimated(outcome, watch.gone, stopping)
+            if watch.gone:
+                outcome.client_left()
+            # On failure usage_record_failed is logged with the figures; nobody is left to tell.
+            with contextlib.suppress(ApiError):
+                await self._charge(key, outcome, Tokens(req.prompt_estimate(), 0, True))
+            if stopping:
+                raise asyncio.CancelledError
+            return
+        if failure is not None:
+            raise upstream_api_error(failure)
+        assert resp is not None
+        if resp.status != 200:
+            await self._relay_error(send, outcome, resp, body)
+            return
+        self._ttft[endpoint].observe(elapsed)
+        self._latency[endpoint].observe(elapsed)
+        await self._charge(key, outcome, self._usage_of_body(outcome, req, body))
+        await respond(send, outcome, 200, body, resp.header(b"content-type") or b"application/json")
+
+    def _usage_of_body(self, outcome: Outcome, req: ParsedRequest, body: bytes) -> Tokens:
+        """vLLM's reported usage; an estimate (counted, logged) when the body has none."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        tokens = usage_of(obj.get("usage")) if isinstance(obj, dict) else None
+        if tokens is not None:
+            return tokens
+        self.log.log(
+            "warning", "usage_missing", request_id=outcome.request_id, path=outcome.endpoint
+        )
+        self.metrics.usage_estimated.labels("usage_missing").inc()
+        # The answer's own length stands in for its tokens: a guess, never zero.
+        return Tokens(req.prompt_estimate(), max(1, len(body) // _BYTES_PER_TOKEN), True)
+
+    def _estimated(self, outcome: Outcome, gone: bool, stopping: bool) -> None:
+        reason = "client_disconnect" if gone else "server_stopping" if stopping else "stream_cut"
+        self.metrics.usage_estimated.labels(reason).inc()
+        if gone:
+            self.metrics.client_disconnects.inc()
 
     async def _relay_error(
-        self, send: Send, info: RequestInfo, resp: UpstreamResponse, body: bytes
+        self, send: Send, outcome: Outcome, resp: UpstreamResponse, body: bytes
     ) -> None:
-        info.error = f"upstream_{resp.status // 100}xx"
-        await respond(send, info, resp.status, openai_error_body(resp.status, body))
+        outcome.failed(f"upstream_{resp.status // 100}xx")
+        await respond(send, outcome, resp.status, openai_error_body(resp.status, body))
 
-    async def _charge(
-        self, key: ApiKey, info: RequestInfo, prompt: int, completion: int, estimated: bool
-    ) -> None:
+    async def _charge(self, key: ApiKey, outcome: Outcome, tokens: Tokens) -> None:
         """Store the request's usage durably; only then may the response end."""
-        info.prompt_tokens = prompt
-        info.completion_tokens = completion
-        info.tokens_estimated = estimated
+        outcome.charged(tokens)
         try:
-            await self.usage.record(key, prompt, completion, time.time())
+            await self.usage.record(key, tokens.prompt, tokens.completion, time.time())
         except Exception as e:
             # Serving without counting would let quotas leak: the request fails instead, and
             # the log keeps the figures for the operator.
             self.log.log(
                 "error",
                 "usage_record_failed",
-                request_id=info.request_id,
+                request_id=outcome.request_id,
                 key_id=key.key_id,
                 user=key.user,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
+                prompt_tokens=tokens.prompt,
+                completion_tokens=tokens.completion,
                 error=repr(e),
             )
             raise ApiError(
@@ -362,116 +365,34 @@ class Proxy:
                 "server_error",
                 "usage_store_unavailable",
             ) from None
-        self.metrics.tokens_used(key.user, prompt, completion)
+        self.metrics.tokens_used(key.user, tokens.prompt, tokens.completion)
         try:
-            await self.limiter.charge_tokens(key, prompt + completion)
+            await self.limiter.charge_tokens(key, tokens.total)
         except Exception as e:
             self.log.log("error", "token_limit_charge_failed", error=repr(e))
 
-    async def _stream(
-        self,
-        receive: Receive,
-        send: Send,
-        info: RequestInfo,
-        key: ApiKey,
-        req: ParsedRequest,
-        resp: UpstreamResponse,
-        t0: float,
-    ) -> None:
-        headers = [*_SSE_HEADERS, (b"x-request-id", info.request_id.encode())]
-        info.status = 200
-        info.response_started = True
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        gone = False
-
-        async def watch_disconnect() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            # Closing the connection is how vLLM learns to stop generating.
-            resp.abort()
-
-        watcher = asyncio.ensure_future(watch_disconnect())
-        scanner = SseScanner(keep_usage=req.wants_usage)
-        failure: UpstreamError | None = None
-        first = True
-        cancelled = False
-        try:
-            while not gone:
-                try:
-                    chunk = await resp.next_chunk()
-                except UpstreamError as e:
-                    failure = e
-                    break
-                if chunk is None:
-                    break
-                if first:
-                    first = False
-                    ttft = time.perf_counter() - t0
-                    info.ttft_ms = ttft * 1000
-                    self._ttft[info.endpoint].observe(ttft)
-                out = scanner.feed(chunk)
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-        except asyncio.CancelledError:
-            # The server is stopping: the tokens produced so far are still charged below.
-            cancelled = True
-        finally:
-            watcher.cancel()
-            if not resp.done:
-                resp.abort()
-        elapsed = time.perf_counter() - t0
-        info.upstream_ms = elapsed * 1000
-        self._latency[info.endpoint].observe(elapsed)
-
-        tokens = usage_of(scanner.usage) if scanner.usage is not None else None
-        estimated = tokens is None
-        if tokens is None:
-            # No usage chunk: the stream ended early. Each vLLM chunk carries one token.
-            tokens = (req.prompt_estimate, scanner.chunks)
-        try:
-            await self._charge(key, info, tokens[0], tokens[1], estimated)
-        except ApiError as e:
-            failure = failure or UpstreamBroken(e.message)
-        if cancelled:
-            raise asyncio.CancelledError
-
-        if gone:
-            info.status = 499
-            info.error = "client_disconnect"
-            self.metrics.client_disconnects.inc()
-            return
-        if failure is not None:
-            err = upstream_api_error(failure)
-            info.error = err.metric_type
-            event = b"data: " + err.body() + b"\n\n"
-            await send({"type": "http.response.body", "body": event, "more_body": False})
-            return
-        await send({"type": "http.response.body", "body": scanner.rest(), "more_body": False})
-
     async def models(
-        self, receive: Receive, send: Send, info: RequestInfo, headers: dict[bytes, bytes]
+        self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]
     ) -> None:
         """GET /v1/models, limited to the models the key may use."""
         key = self.keys.authenticate(headers.get(b"authorization"), time.time())
-        info.user = key.user
-        info.key_id = key.key_id
+        outcome.identify(key.user, key.key_id)
         t0 = time.perf_counter()
         try:
             resp = await self.upstream.request(
-                "GET", "/v1/models", request_id=info.request_id, first_byte_timeout=30.0
+                "GET", "/v1/models", request_id=outcome.request_id, first_byte_timeout=30.0
             )
             body = await resp.read()
         except UpstreamError as e:
             raise upstream_api_error(e) from None
-        info.upstream_ms = (time.perf_counter() - t0) * 1000
-        self._latency["/v1/models"].observe(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        outcome.upstream_done(elapsed)
+        self._latency["/v1/models"].observe(elapsed)
         if resp.status != 200:
-            await self._relay_error(send, info, resp, body)
+            await self._relay_error(send, outcome, resp, body)
             return
+        listing = _model_list(body)
         if key.models is not None:
-            obj = orjson.loads(body)
-            obj["data"] = [m for m in obj.get("data", []) if m.get("id") in key.models]
-            body = orjson.dumps(obj)
-        await respond(send, info, 200, body)
+            listing["data"] = [m for m in listing["data"] if m["id"] in key.models]
+            body = orjson.dumps(listing)
+        await respond(send, outcome, 200, body)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 
+from .outcome import Tokens
+
 _SEP = b"\n\n"
 _DONE = b"data: [DONE]"
 
@@ -80,12 +82,12 @@ class SseScanner:
         return rest
 
 
-def usage_of(obj: object) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) of an OpenAI usage object, if it is one."""
+def usage_of(obj: object) -> Tokens | None:
+    """The token counts of an OpenAI usage object, if it is one."""
     if not isinstance(obj, dict):
         return None
     p = obj.get("prompt_tokens")
     c = obj.get("completion_tokens", 0)
     if not isinstance(p, int) or not isinstance(c, int):
         return None
-    return p, c
+    return Tokens(p, c)

@@ -1,0 +1,93 @@
+"""HTTP framing the gateway refuses before any route runs, in OpenAI's error shape.
+
+uvicorn's httptools protocol sets no limit on the size or number of request headers (a
+16 MB header and 10,000 headers were accepted) and answers malformed requests with a
+plain-text 400. This protocol, handed to uvicorn in place of its own, caps both and answers
+every refusal as JSON, then closes the connection. nginx in front has lower limits of its
+own (large_client_header_buffers); these hold when the gateway is reached directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import ApiError, bad_request
+
+# The request line and all headers together; nginx's default allows 4 x 8 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+
+_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
+_log = logging.getLogger("uvicorn.error")
+
+
+def _headers_too_large(what: str) -> ApiError:
+    return ApiError(
+        431,
+        f"Request headers are too large: {what}.",
+        "invalid_request_error",
+        "request_headers_too_large",
+        metric_type="headers_too_large",
+    )
+
+
+class _Refused(Exception):
+    """Raised from a parser callback; httptools hands it to uvicorn as a parser error."""
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits on the request head and JSON refusals."""
+
+    _head_bytes = 0
+    _header_count = 0
+    _in_head = True
+    _refusal: ApiError | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            # Still reading a request's head after this piece: all of it was head.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(_headers_too_large(f"more than {MAX_HEAD_BYTES} bytes"))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._header_count = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > MAX_HEADERS:
+            self._refusal = _headers_too_large(f"more than {MAX_HEADERS} headers")
+            raise _Refused
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request httptools cannot parse (or that a callback refused)."""
+        refusal = self._refusal or bad_request(
+            "The request is not valid HTTP/1.1.", code="invalid_http_request"
+        )
+        self._refuse(refusal)
+
+    def _refuse(self, err: ApiError) -> None:
+        self._refusal = None
+        _log.warning("refused request: %s", err.message)
+        body = err.body()
+        head = [b"HTTP/1.1 %d %s\r\n" % (err.status, _REASONS.get(err.status, b"Error"))]
+        for name, value in self.server_state.default_headers:
+            head.append(name + b": " + value + b"\r\n")
+        head.append(b"content-type: application/json\r\n")
+        head.append(b"content-length: %d\r\n" % len(body))
+        head.append(b"connection: close\r\n\r\n")
+        transport: asyncio.Transport = self.transport
+        transport.write(b"".join(head) + body)
+        transport.close()
