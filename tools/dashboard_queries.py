@@ -12,6 +12,13 @@ dashboards). ``$__rate_interval`` becomes ``--rate-interval`` (1m: at least four
 variables (``label_values(metric, label)``) are checked too, as ``count by (label) (metric)``,
 so that the host and model selectors are known to have options.
 
+"Returns data" means at least one series with a value other than 0; less is empty. A panel
+that reads a flat zero looks the same as one whose metric was renamed behind an
+``or vector(0)``, a counter that is exported but never moves, or a target that is down
+(``up`` is 0): none of those counts. Only the panels in ``ZERO_BY_NATURE`` may answer 0,
+each for the reason given there; they still need a series, so a metric that disappears fails
+them too. The check reads one instant, after the traffic, when in-flight gauges are 0.
+
 Only the standard library is used, so the check runs wherever Python does.
 """
 
@@ -47,6 +54,22 @@ _LABEL_VALUES = re.compile(
 _QUERY_RESULT = re.compile(r"^\s*query_result\((?P<expr>.+)\)\s*$", re.S)
 
 
+# Panels whose correct value right after a test's traffic (or on a quiet, healthy host) is 0,
+# by panel title, with the reason. Anything else must show a non-zero value to count as data.
+# The gateway's "Active requests" panels are not here: the scrape that reads the gauge is
+# itself in flight, so it is at least 1 on a gateway that counts its requests.
+ZERO_BY_NATURE: dict[str, str] = {
+    "5xx share": "a healthy stack answers no 5xx; its denominator still needs http_requests_total",
+    "Preemptions/s": "vLLM preempts only when its KV cache runs out",
+    "Requests waiting": "vLLM queues only past max_num_seqs, which the gateway's limits stay under",
+    "Requests running": "requests in flight: 0 once the traffic has ended",
+    "Requests running and waiting": "requests in flight and queued: 0 once the traffic has ended",
+    "vLLM requests running and waiting": "requests in flight and queued: 0 once the traffic ends",
+    "KV cache usage now": "vLLM frees a request's KV blocks when it ends",
+    "KV cache usage": "vLLM frees a request's KV blocks when it ends",
+}
+
+
 class Query(NamedTuple):
     """One PromQL expression and the panel (or template variable) it comes from."""
 
@@ -63,12 +86,18 @@ class Result:
     finite: int = 0
     nan: int = 0
     error: str | None = None
+    nonzero: int = 0
 
     def has_data(self, allow_nan: bool = False) -> bool:
-        """True when at least one series has a number (or NaN, if allowed)."""
+        """True when a series has a non-zero number (any number for a panel in
+        ZERO_BY_NATURE; NaN too, if allowed)."""
         if self.error is not None:
             return False
-        return self.finite > 0 or (allow_nan and self.nan > 0)
+        if self.nonzero > 0:
+            return True
+        if self.finite > 0 and self.query.panel in ZERO_BY_NATURE:
+            return True
+        return allow_nan and self.nan > 0
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -211,6 +240,11 @@ def evaluate(prometheus_url: str, query: Query, timeout: float = 10.0) -> Result
             return Result(query, error=f"HTTP {e.code}")
     except (urllib.error.URLError, TimeoutError, ValueError) as e:
         return Result(query, error=str(e))
+    return result_of(query, answer)
+
+
+def result_of(query: Query, answer: Mapping[str, Any]) -> Result:
+    """Summarise Prometheus' JSON answer to one query (each series' latest value)."""
     if answer.get("status") != "success":
         return Result(query, error=f"{answer.get('errorType')}: {answer.get('error')}")
     data = answer["data"]
@@ -222,8 +256,10 @@ def evaluate(prometheus_url: str, query: Query, timeout: float = 10.0) -> Result
         samples = [s["values"][-1][1] for s in data["result"] if s["values"]]
     else:
         samples = []
-    nan = sum(1 for v in samples if math.isnan(float(v)))
-    return Result(query, series=len(samples), finite=len(samples) - nan, nan=nan)
+    values = [float(v) for v in samples]
+    nan = sum(1 for v in values if math.isnan(v))
+    nonzero = sum(1 for v in values if not math.isnan(v) and v != 0)
+    return Result(query, series=len(values), finite=len(values) - nan, nan=nan, nonzero=nonzero)
 
 
 def _parse_vars(items: Sequence[str]) -> dict[str, list[str]]:
@@ -288,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 status = f"ok ({result.finite} series" + (
                     f", {result.nan} NaN)" if result.nan else ")"
                 )
+            elif result.finite:
+                status = f"ZERO ({result.finite} series, all 0; not in ZERO_BY_NATURE)"
             elif result.nan:
                 status = f"NO DATA ({result.nan} series, all NaN)"
             else:
@@ -299,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "expr": q.expr,
                     "ok": ok,
                     "series": result.series,
+                    "nonzero": result.nonzero,
                     "nan": result.nan,
                     "error": result.error,
                 }

@@ -118,8 +118,14 @@ def http(
     headers: dict[str, str] | None = None,
     body: str | None = None,
     timeout: int = 30,
+    source: str | None = None,
 ) -> tuple[int, dict[str, str], str]:
-    """Send one HTTP request from the host itself with curl; return status, headers, body."""
+    """Send one HTTP request from the host itself with curl; return status, headers, body.
+
+    ``source`` is the local address the request leaves from (curl --interface): any of
+    127.0.0.0/8 works on Linux without configuring it, so a check can come from a network
+    that an allow-list leaves out without a second host.
+    """
     args = [
         "curl",
         "-sS",
@@ -133,6 +139,8 @@ def http(
         str(timeout),
         url,
     ]
+    if source is not None:
+        args += ["--interface", source]
     if url.startswith("https:"):
         # The checks reach nginx by address, which a certificate need not name;
         # test_nginx_serves_its_configured_certificate checks the certificate.

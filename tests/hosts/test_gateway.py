@@ -36,10 +36,11 @@ def test_no_plaintext_key_on_disk(host, hostvar):
     for entry in keys:
         assert "key" not in entry, f"plaintext key for {entry.get('user')}"
         assert len(entry["key_sha256"]) == 64
+    # The one plaintext key the checks know; without it the search below would pass unseen.
     check_key = hostvar("llmhost_check_api_key", "")
-    if check_key:
-        found = host.run("grep -rlF -- %s /etc /var/lib/llm-proxy /opt/llm-proxy", check_key)
-        assert found.stdout == "", f"plaintext key found in {found.stdout}"
+    assert check_key, "set llmhost_check_api_key in the inventory (a key the checks may use)"
+    found = host.run("grep -rlF -- %s /etc /var/lib/llm-proxy /opt/llm-proxy", check_key)
+    assert found.stdout == "", f"plaintext key found in {found.stdout}"
 
 
 def test_gateway_health_and_readiness(host, hostvar):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
-from conftest import assert_unit_healthy, http, openai_error
+from conftest import IN_MOLECULE, assert_unit_healthy, http, openai_error
 
 testinfra_hosts = ["ansible://gpu"]
 
@@ -41,24 +43,70 @@ def test_paths_outside_the_allow_list_get_openai_404(host, nginx_url):
         assert openai_error(body)["code"] == "not_found"
 
 
-def test_restricted_paths_are_refused_from_other_networks(host, nginx_url):
-    """/metrics and /admin/ answer to the allowed networks only (loopback by default)."""
-    import ipaddress
+# Sources that every Linux host has without any setup (the kernel routes all of
+# 127.0.0.0/8 to lo, so curl can bind to them) and that the default allow-list
+# (127.0.0.1/32, ::1/128) leaves out: the refusal is checked from the served host
+# itself, read-only, even where the host's own address is allowed (the demo host is
+# also the monitoring host; the example inventory allows the serving network).
+OUTSIDE_LOOPBACK_SOURCES = ("127.0.0.2", "127.255.255.254")
 
-    address = host.run("hostname -I").stdout.split()[0]
-    # The allow-list in force, read from the configuration nginx runs with.
-    config = host.file("/etc/nginx/nginx.conf").content_string
-    allowed = {
-        line.split()[1].rstrip(";")
-        for line in config.splitlines()
-        if line.strip().startswith("allow ")
-    }
-    if any(ipaddress.ip_address(address) in ipaddress.ip_network(n) for n in allowed):
-        pytest.skip(f"{address} (this host) is itself allowed to the restricted paths")
-    for path in ("/metrics", "/admin/usage"):
-        status, _, body = http(host, "GET", nginx_url(path, address))
-        assert status == 403, path
-        assert openai_error(body)["type"] == "permission_error"
+
+def _allowed_networks(host) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The allow-list in force, read from the configuration nginx runs with."""
+    networks = []
+    for line in host.file("/etc/nginx/nginx.conf").content_string.splitlines():
+        words = line.split()
+        if len(words) != 2 or words[0] != "allow":
+            continue
+        value = words[1].rstrip(";")
+        if value == "all":
+            networks += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+        else:
+            networks.append(ipaddress.ip_network(value, strict=False))
+    return networks
+
+
+def _is_allowed(address: str, networks) -> bool:
+    ip = ipaddress.ip_address(address)
+    # ipaddress compares across versions by integer value: keep to the same version.
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+def test_restricted_paths_are_refused_from_other_networks(host, hostvar, nginx_url):
+    """/metrics and /admin/ answer to the allowed networks only (loopback by default);
+    any other source gets nginx's 403 in OpenAI's shape."""
+    allowed = _allowed_networks(host)
+    own = [
+        a for a in host.run("hostname -I").stdout.split() if ipaddress.ip_address(a).version == 4
+    ]
+    outside = [a for a in (*OUTSIDE_LOOPBACK_SOURCES, *own) if not _is_allowed(a, allowed)]
+    if not outside:
+        message = (
+            f"every address this host can send from is allowed ({', '.join(map(str, allowed))}): "
+            "the refusal needs a source outside the allow-list"
+        )
+        if IN_MOLECULE:
+            pytest.fail(message)
+        pytest.skip(message)
+    listen = hostvar("nginx_listen_address", "0.0.0.0")
+    target = "127.0.0.1" if listen in ("0.0.0.0", "*") else listen
+    paths = [
+        location + "usage" if location.endswith("/") else location
+        for location in hostvar("nginx_restricted_locations", ["/metrics", "/admin/"])
+    ]
+    vllm_metrics = hostvar("nginx_vllm_metrics_location", "/metrics/vllm")
+    if vllm_metrics:
+        paths.append(vllm_metrics)
+    for source in outside:
+        for path in paths:
+            status, _, body = http(host, "GET", nginx_url(path, target), source=source)
+            assert status == 403, f"{path} answered {status} to {source}, outside the allow-list"
+            error = openai_error(body)
+            assert (error["type"], error["code"]) == ("permission_error", "forbidden"), error
+    # The same path from an allowed source is served: the 403 above is the allow-list's.
+    if _is_allowed("127.0.0.1", allowed):
+        status, _, body = http(host, "GET", nginx_url("/metrics", target), source="127.0.0.1")
+        assert status == 200, f"/metrics refused to 127.0.0.1, which is allowed: {body[:200]}"
 
 
 def test_access_log_is_json_with_upstream_time(host, hostvar, nginx_url):
