@@ -20,6 +20,7 @@ from .errors import ApiError, bad_request
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 
+_LINGER_SECONDS = 2.0
 _REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
 _log = logging.getLogger("uvicorn.error")
 
@@ -45,8 +46,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _header_count = 0
     _in_head = True
     _refusal: ApiError | None = None
+    _discarding = False
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():
             # Still reading a request's head after this piece: all of it was head.
@@ -90,4 +94,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         head.append(b"connection: close\r\n\r\n")
         transport: asyncio.Transport = self.transport
         transport.write(b"".join(head) + body)
-        transport.close()
+        # A lingering close, as nginx does: closing with the client's bytes unread would
+        # reset the connection and the client would never read the answer. So the write
+        # side closes now, what still arrives is dropped, and the socket closes soon after.
+        self._discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)

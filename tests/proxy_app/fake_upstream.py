@@ -12,6 +12,7 @@ behaviour:
   fake-500        500 with a plain-text body
   fake-hang       never answers
   fake-nousage    normal answer without a usage object
+  fake-notjson    200 whose body is not JSON
 
 GET /_stats (straight to this server, not through the gateway) returns counters and the
 last request body received, so tests can see what the gateway sent and whether it hung up.
@@ -86,7 +87,21 @@ async def app(scope, receive, send) -> None:
         else:
             await _json(send, 503, b"down", b"text/plain")
         return
+    if path == "/_models":
+        # The raw body /v1/models answers from now on; empty: the normal list again.
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        STATS["models_body"] = body.decode()
+        await _json(send, 200, {"models_body": STATS["models_body"]})
+        return
     if path == "/v1/models":
+        if STATS.get("models_body"):
+            await _json(send, 200, str(STATS["models_body"]).encode())
+            return
         data = [{"id": m, "object": "model", "owned_by": "fake"} for m in ("fake", "other")]
         await _json(send, 200, {"object": "list", "data": data})
         return
@@ -117,6 +132,9 @@ async def app(scope, receive, send) -> None:
     obj = "chat.completion.chunk" if path == "/v1/chat/completions" else "text_completion"
     if model == "fake-500":
         await _json(send, 500, b"Internal Server Error: boom", b"text/plain")
+        return
+    if model == "fake-notjson":
+        await _json(send, 200, b"<html>not json</html>")
         return
     if model == "fake-hang":
         # Never answer; return only once the caller has given up (counted as a disconnect).
