@@ -20,8 +20,8 @@ import asyncio
 import aiohttp
 from yarl import URL
 
-from .config import Timeouts
-from .upstream import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from proxy_app.config import Timeouts
+from proxy_app.upstream import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
 
 # aiohttp pauses reading a socket past 2 x read_bufsize buffered bytes: 1 MiB, as upstream.py.
 _READ_BUFSIZE = 1 << 19

@@ -1,0 +1,282 @@
+"""Side-by-side A/B of two gateways in front of the same upstream, measured interleaved.
+
+Two gateways run at once in front of bench/upstream.py; for each cell (non-streamed and
+streamed, at each concurrency) both are warmed up, then measured in turns A, B, A, B, ... so
+that whatever else loads the machine loads both alike. A cell reports the median req/s and
+median p50 of each side over the rounds, B/A, and the spread of each side's rounds (max-min
+over median: what a difference must exceed to be more than noise).
+
+  --client    A: the working tree with upstream.py; B: the working tree with
+              upstream_aiohttp.py (the issue's rule: switch if B is within 15% on every cell)
+  --base REV  A: the gateway at git revision REV (a temporary `git worktree`); B: the
+              working tree
+
+The table goes to bench/results/ab-<time>.md and .json and to stdout; --append-results adds
+it, dated, to bench/RESULTS.md. Needs wrk. Not a test: figures depend on the machine.
+
+Usage: python bench/ab.py (--client | --base REV) [--concurrency 1,8] [--rounds 4]
+                          [--duration 5] [--warmup 2] [--append-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+# bench/run.py's helpers (this file's folder is on sys.path when it runs as a script).
+from run import BENCH, KEY, REPO, Run, free_port, gateway_files, process, wait_http, wrk, wrk_script
+
+LAUNCHER = BENCH / "gateway_with_client.py"
+SWITCH_WITHIN = 0.15  # the issue's rule for --client
+
+
+@dataclass
+class Side:
+    label: str  # what the table calls it
+    code: Path  # the folder proxy_app is imported from
+    client: str  # gateway_with_client.py --client
+
+
+@dataclass
+class Cell:
+    stream: bool
+    conns: int
+    a: list[Run]
+    b: list[Run]
+
+    @property
+    def name(self) -> str:
+        return f"{'streamed' if self.stream else 'non-streamed'}, {self.conns} conn"
+
+    @property
+    def rps_ratio(self) -> float:
+        """B's median req/s over A's, unrounded (the switch rule is applied to this)."""
+        return statistics.median(r.rps for r in self.b) / statistics.median(r.rps for r in self.a)
+
+    def summary(self) -> dict[str, float | int]:
+        def side(runs: list[Run]) -> tuple[float, float, float]:
+            rps = [r.rps for r in runs]
+            med = statistics.median(rps)
+            return med, statistics.median(r.p50_ms for r in runs), (max(rps) - min(rps)) / med
+
+        a_rps, a_p50, a_spread = side(self.a)
+        b_rps, b_p50, b_spread = side(self.b)
+        return {
+            "a_rps": round(a_rps),
+            "b_rps": round(b_rps),
+            "rps_ratio": round(b_rps / a_rps, 3),
+            "a_p50_ms": round(a_p50, 3),
+            "b_p50_ms": round(b_p50, 3),
+            "p50_ratio": round(b_p50 / a_p50, 3),
+            "a_spread": round(a_spread, 3),
+            "b_spread": round(b_spread, 3),
+            "errors": sum(r.errors for r in self.a + self.b),
+        }
+
+
+@contextlib.contextmanager
+def base_worktree(rev: str) -> Iterator[tuple[Path, str]]:
+    """REV checked out in a temporary worktree, removed afterwards; yields (path, short sha)."""
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    tmp = Path(tempfile.mkdtemp(prefix="llmhost-ab-"))
+    path = tmp / "base"
+    git = ["git", "-C", str(REPO), "worktree"]
+    subprocess.run([*git, "add", "--detach", str(path), sha], capture_output=True, check=True)
+    try:
+        yield path, sha
+    finally:
+        subprocess.run([*git, "remove", "--force", str(path)], capture_output=True, check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def gateway(side: Side, workdir: Path, upstream_port: int) -> Iterator[str]:
+    """One gateway serving ``side``'s code; yields its completion URL."""
+    workdir.mkdir(parents=True)
+    port = free_port()
+    config = gateway_files(workdir, upstream_port, port)
+    args = [sys.executable, str(LAUNCHER), "--client", side.client, "--config", str(config)]
+    log = workdir / "gateway.log"
+    with process(args, log, env={"PYTHONPATH": str(side.code)}) as proc:
+        wait_http(f"http://127.0.0.1:{port}/health", 60, proc, side.label)
+        # An editable install could shadow PYTHONPATH: make sure the intended code runs.
+        expected = str(side.code / "proxy_app" / "__init__.py")
+        if f"proxy_app={expected}" not in log.read_text(errors="replace"):
+            raise RuntimeError(f"{side.label}: the gateway did not load {expected} (see {log})")
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+def measure(
+    urls: tuple[str, str],
+    workdir: Path,
+    conns: list[int],
+    rounds: int,
+    seconds: int,
+    warmup: int,
+) -> list[Cell]:
+    cells = []
+    for stream in (False, True):
+        script = wrk_script(workdir, f"ab-{'stream' if stream else 'plain'}", KEY, stream)
+        for c in conns:
+            for url in urls:
+                wrk(url, script, c, warmup)
+            cell = Cell(stream, c, [], [])
+            for i in range(rounds):
+                for runs, url, tag in ((cell.a, urls[0], "A"), (cell.b, urls[1], "B")):
+                    runs.append(wrk(url, script, c, seconds))
+                    print(
+                        f"{cell.name:22} round {i + 1} {tag} {runs[-1].rps:8.0f} req/s"
+                        f"  p50 {runs[-1].p50_ms:.3f} ms",
+                        flush=True,
+                    )
+            cells.append(cell)
+    return cells
+
+
+def verdict(mode: str, cells: list[Cell]) -> str:
+    """The sentence under the table: the issue's switch rule, or the largest difference."""
+    ratios = {c.name: c.rps_ratio for c in cells}
+    worst = min(ratios, key=ratios.__getitem__)
+    if mode == "client":
+        if all(r >= 1 - SWITCH_WITHIN for r in ratios.values()):
+            return (
+                f"By the rule (aiohttp within {SWITCH_WITHIN:.0%} on req/s in every cell): "
+                f"switch; the closest cell is {worst} at {ratios[worst]:.2f}x."
+            )
+        short = ", ".join(
+            f"{n} {1 - r:.0%} slower" for n, r in ratios.items() if r < 1 - SWITCH_WITHIN
+        )
+        return (
+            f"By the rule (aiohttp within {SWITCH_WITHIN:.0%} on req/s in every cell): "
+            f"keep upstream.py; aiohttp is past it in: {short}."
+        )
+    far = max(ratios, key=lambda n: abs(1 - ratios[n]))
+    return f"Largest req/s difference: {far} at {ratios[far]:.2f}x (B/A)."
+
+
+def render(meta: dict, cells: list[Cell]) -> str:
+    lines = [
+        f"## A/B: {meta['title']} ({meta['when']})",
+        "",
+        f"A = {meta['a']}; B = {meta['b']}. {meta['machine']}. Both gateways in front of "
+        f"bench/upstream.py with every control on (as bench/run.py), wrk -t1; per cell a "
+        f"{meta['warmup']:g} s warm-up of each, then {meta['rounds']} rounds of "
+        f"{meta['duration']:g} s alternating A, B. Medians over the rounds; spread = "
+        "(max - min) / median of a side's req/s over its rounds.",
+        "",
+        "| cell | A req/s | B req/s | B/A req/s | A p50 | B p50 | B/A p50 "
+        "| spread A | spread B | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        s = cell.summary()
+        lines.append(
+            f"| {cell.name} | {s['a_rps']:,} | {s['b_rps']:,} | {s['rps_ratio']:.2f}x "
+            f"| {s['a_p50_ms']:.3f} ms | {s['b_p50_ms']:.3f} ms | {s['p50_ratio']:.2f}x "
+            f"| {s['a_spread']:.0%} | {s['b_spread']:.0%} | {s['errors']} |"
+        )
+    lines += ["", meta["verdict"], ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--client", action="store_true", help="upstream.py vs upstream_aiohttp.py")
+    which.add_argument("--base", metavar="REV", help="the gateway at REV vs the working tree")
+    parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per round")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds, each side")
+    parser.add_argument("--append-results", action="store_true", help="add to bench/RESULTS.md")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install wrk", file=sys.stderr)
+        return 2
+    conns = [int(c) for c in args.concurrency.split(",")]
+    now = datetime.now(UTC)
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    workdir = BENCH / "results" / f"ab-{stamp}"
+    workdir.mkdir(parents=True)
+
+    with contextlib.ExitStack() as stack:
+        if args.client:
+            mode, title = "client", "forwarding client, aiohttp vs upstream.py"
+            a = Side("upstream.py (working tree)", REPO, "builtin")
+            b = Side("upstream_aiohttp.py (working tree)", REPO, "aiohttp")
+        else:
+            path, sha = stack.enter_context(base_worktree(args.base))
+            mode, title = "base", f"working tree vs {sha}"
+            a = Side(f"gateway at {sha}", path, "builtin")
+            b = Side("gateway of the working tree", REPO, "builtin")
+        up_port = free_port()
+        py = sys.executable
+        upstream = stack.enter_context(
+            process([py, str(BENCH / "upstream.py"), str(up_port)], workdir / "upstream.log")
+        )
+        wait_http(f"http://127.0.0.1:{up_port}/health", 60, upstream, "upstream")
+        urls = (
+            stack.enter_context(gateway(a, workdir / "A", up_port)),
+            stack.enter_context(gateway(b, workdir / "B", up_port)),
+        )
+        cells = measure(urls, workdir, conns, args.rounds, args.duration, args.warmup)
+
+    meta = {
+        "mode": mode,
+        "title": title,
+        "when": f"{now:%Y-%m-%d %H:%M} UTC",
+        "a": a.label,
+        "b": b.label,
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.2f} at the end, Python {platform.python_version()}",
+        "rounds": args.rounds,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "verdict": verdict(mode, cells),
+    }
+    text = render(meta, cells)
+    data = {
+        **meta,
+        "cells": [
+            {
+                "stream": c.stream,
+                "conns": c.conns,
+                **c.summary(),
+                "a_runs": [asdict(r) for r in c.a],
+                "b_runs": [asdict(r) for r in c.b],
+            }
+            for c in cells
+        ],
+    }
+    out = BENCH / "results" / f"ab-{stamp}"
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    print("\n" + text)
+    print(f"written to {out}.md and .json; logs in {workdir}")
+    if args.append_results:
+        results = BENCH / "RESULTS.md"
+        with results.open("a") as f:
+            f.write("\n" + text)
+        print(f"appended to {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
