@@ -54,11 +54,11 @@ class Config(_Strict):
     """The gateway's configuration file."""
 
     vllm_host: str = "127.0.0.1"
-    vllm_port: Port = 8000
+    vllm_port: Port = 8002
     # Sent to vLLM as a bearer token when vLLM runs with --api-key (defence in depth).
     vllm_api_key: str | None = None
     fastapi_host: str = "127.0.0.1"
-    fastapi_port: Port = 8080
+    fastapi_port: Port = 8001
     # Seconds an idle client connection (nginx's) stays open.
     keep_alive_timeout: Seconds = 75.0
     api_keys_file: Path
