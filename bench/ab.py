@@ -11,11 +11,15 @@ over median: what a difference must exceed to be more than noise).
   --base REV  A: the gateway at git revision REV (a temporary `git worktree`); B: the
               working tree
 
-The table goes to bench/results/ab-<time>.md and .json and to stdout; --append-results adds
-it, dated, to bench/RESULTS.md. Needs wrk. Not a test: figures depend on the machine.
+The table goes to stdout and to bench/results/ab-<time>.md and .json (with every round).
+--record also keeps it as the latest comparison of its kind ("client" or "base") in
+bench/results.json's "comparisons", re-renders bench/RESULTS.md from that file (bench/run.py's
+render_results, which puts the comparisons after the main tables, and keeps them when it
+rewrites the file) and runs tools/readme_figures.py. Needs wrk. Not a test: figures depend on
+the machine.
 
 Usage: python bench/ab.py (--client | --base REV) [--concurrency 1,8] [--rounds 4]
-                          [--duration 5] [--warmup 2] [--append-results]
+                          [--duration 5] [--warmup 2] [--record]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -36,7 +41,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # bench/run.py's helpers (this file's folder is on sys.path when it runs as a script).
-from run import BENCH, KEY, REPO, Run, free_port, gateway_files, process, wait_http, wrk, wrk_script
+from run import (
+    BENCH,
+    KEY,
+    REPO,
+    Run,
+    comparison_cell_name,
+    free_port,
+    gateway_files,
+    process,
+    render_comparison,
+    render_results,
+    wait_http,
+    wrk,
+    wrk_script,
+)
 
 LAUNCHER = BENCH / "gateway_with_client.py"
 SWITCH_WITHIN = 0.15  # the issue's rule for --client
@@ -58,7 +77,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{'streamed' if self.stream else 'non-streamed'}, {self.conns} conn"
+        return comparison_cell_name(self.stream, self.conns)
 
     @property
     def rps_ratio(self) -> float:
@@ -151,49 +170,59 @@ def measure(
 
 
 def verdict(mode: str, cells: list[Cell]) -> str:
-    """The sentence under the table: the issue's switch rule, or the largest difference."""
+    """The sentence under the table: the switch rule (--client), or the largest difference
+    set against the spread of its rounds (--base)."""
     ratios = {c.name: c.rps_ratio for c in cells}
-    worst = min(ratios, key=ratios.__getitem__)
     if mode == "client":
+        rule = f"By the rule (aiohttp within {SWITCH_WITHIN:.0%} on req/s in every cell): "
+        worst = min(ratios, key=ratios.__getitem__)
         if all(r >= 1 - SWITCH_WITHIN for r in ratios.values()):
-            return (
-                f"By the rule (aiohttp within {SWITCH_WITHIN:.0%} on req/s in every cell): "
-                f"switch; the closest cell is {worst} at {ratios[worst]:.2f}x."
-            )
-        short = ", ".join(
-            f"{n} {1 - r:.0%} slower" for n, r in ratios.items() if r < 1 - SWITCH_WITHIN
+            return f"{rule}switch; the closest cell is {worst} at {ratios[worst]:.3f}x."
+        short = "; ".join(
+            f"{n} {1 - r:.1%} slower" for n, r in ratios.items() if r < 1 - SWITCH_WITHIN
         )
-        return (
-            f"By the rule (aiohttp within {SWITCH_WITHIN:.0%} on req/s in every cell): "
-            f"keep upstream.py; aiohttp is past it in: {short}."
-        )
+        return f"{rule}keep upstream.py; aiohttp is past it in: {short}."
+    noise = {c.name: max(c.summary()["a_spread"], c.summary()["b_spread"]) for c in cells}
+    beyond = [n for n in ratios if abs(1 - ratios[n]) > noise[n]]
     far = max(ratios, key=lambda n: abs(1 - ratios[n]))
-    return f"Largest req/s difference: {far} at {ratios[far]:.2f}x (B/A)."
+    where = "beyond" if far in beyond else "within"
+    return (
+        f"Largest req/s difference: {far} at {ratios[far]:.2f}x (B/A), {where} the larger "
+        f"spread of its rounds ({noise[far]:.0%}); {len(beyond)} of {len(cells)} cells differ "
+        "by more than their larger spread."
+    )
 
 
-def render(meta: dict, cells: list[Cell]) -> str:
-    lines = [
-        f"## A/B: {meta['title']} ({meta['when']})",
-        "",
-        f"A = {meta['a']}; B = {meta['b']}. {meta['machine']}. Both gateways in front of "
-        f"bench/upstream.py with every control on (as bench/run.py), wrk -t1; per cell a "
-        f"{meta['warmup']:g} s warm-up of each, then {meta['rounds']} rounds of "
-        f"{meta['duration']:g} s alternating A, B. Medians over the rounds; spread = "
-        "(max - min) / median of a side's req/s over its rounds.",
-        "",
-        "| cell | A req/s | B req/s | B/A req/s | A p50 | B p50 | B/A p50 "
-        "| spread A | spread B | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for cell in cells:
-        s = cell.summary()
-        lines.append(
-            f"| {cell.name} | {s['a_rps']:,} | {s['b_rps']:,} | {s['rps_ratio']:.2f}x "
-            f"| {s['a_p50_ms']:.3f} ms | {s['b_p50_ms']:.3f} ms | {s['p50_ratio']:.2f}x "
-            f"| {s['a_spread']:.0%} | {s['b_spread']:.0%} | {s['errors']} |"
-        )
-    lines += ["", meta["verdict"], ""]
-    return "\n".join(lines)
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def tree_state() -> str:
+    """Which working tree was measured: HEAD, and any uncommitted change to the gateway."""
+    head = git("rev-parse", "--short", "HEAD")
+    changed = sorted(
+        set(git("diff", "--name-only", "HEAD", "--", "proxy_app").split())
+        | set(git("ls-files", "--others", "--exclude-standard", "--", "proxy_app").split())
+    )
+    if not changed:
+        return f"working tree at {head} (proxy_app/ as committed)"
+    return f"working tree at {head} with uncommitted changes to {', '.join(changed)}"
+
+
+def record(kind: str, comparison: dict) -> None:
+    """Keep ``comparison`` as the latest of its kind in bench/results.json, re-render
+    bench/RESULTS.md from it and bring the README's generated blocks in line."""
+    results = BENCH / "results.json"
+    if not results.exists():
+        raise SystemExit(f"no {results}: run bench/run.py first")
+    data = json.loads(results.read_text())
+    data.setdefault("comparisons", {})[kind] = comparison
+    results.write_text(json.dumps(data, indent=2) + "\n")
+    (BENCH / "RESULTS.md").write_text(render_results(data))
+    print(f"recorded as comparisons.{kind} in {results}; bench/RESULTS.md re-rendered")
+    subprocess.run([sys.executable, str(REPO / "tools" / "readme_figures.py")], check=True)
 
 
 def main() -> int:
@@ -205,7 +234,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=int, default=5, help="seconds per round")
     parser.add_argument("--warmup", type=int, default=2, help="seconds, each side")
-    parser.add_argument("--append-results", action="store_true", help="add to bench/RESULTS.md")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="keep it in bench/results.json's comparisons and re-render bench/RESULTS.md",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
@@ -215,17 +248,19 @@ def main() -> int:
     stamp = now.strftime("%Y%m%d-%H%M%S")
     workdir = BENCH / "results" / f"ab-{stamp}"
     workdir.mkdir(parents=True)
+    tree = tree_state()
+    load_start = os.getloadavg()[0]
 
     with contextlib.ExitStack() as stack:
         if args.client:
-            mode, title = "client", "forwarding client, aiohttp vs upstream.py"
-            a = Side("upstream.py (working tree)", REPO, "builtin")
-            b = Side("upstream_aiohttp.py (working tree)", REPO, "aiohttp")
+            mode, title = "client", "forwarding client, upstream.py vs aiohttp"
+            a = Side("the gateway with upstream.py", REPO, "builtin")
+            b = Side("the gateway with bench/upstream_aiohttp.py", REPO, "aiohttp")
         else:
             path, sha = stack.enter_context(base_worktree(args.base))
-            mode, title = "base", f"working tree vs {sha}"
-            a = Side(f"gateway at {sha}", path, "builtin")
-            b = Side("gateway of the working tree", REPO, "builtin")
+            mode, title = "base", f"the gateway at {sha} vs the working tree"
+            a = Side(f"the gateway at {sha}", path, "builtin")
+            b = Side("the gateway of the working tree", REPO, "builtin")
         up_port = free_port()
         py = sys.executable
         upstream = stack.enter_context(
@@ -238,43 +273,45 @@ def main() -> int:
         )
         cells = measure(urls, workdir, conns, args.rounds, args.duration, args.warmup)
 
-    meta = {
-        "mode": mode,
-        "title": title,
-        "when": f"{now:%Y-%m-%d %H:%M} UTC",
-        "a": a.label,
-        "b": b.label,
-        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.2f} at the end, Python {platform.python_version()}",
-        "rounds": args.rounds,
-        "duration": args.duration,
-        "warmup": args.warmup,
+    comparison = {
+        "meta": {
+            "title": title,
+            "time_utc": now.isoformat(timespec="minutes"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "load_average_start": round(load_start, 2),
+            "load_average_end": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+            "tree": tree,
+            "a": a.label,
+            "b": b.label,
+            "rounds": args.rounds,
+            "seconds_per_round": args.duration,
+            "warmup_seconds": args.warmup,
+            "command": shlex.join(["bench/ab.py", *sys.argv[1:]]),
+        },
+        "cells": [{"stream": c.stream, "conns": c.conns, **c.summary()} for c in cells],
         "verdict": verdict(mode, cells),
     }
-    text = render(meta, cells)
-    data = {
-        **meta,
-        "cells": [
-            {
-                "stream": c.stream,
-                "conns": c.conns,
-                **c.summary(),
-                "a_runs": [asdict(r) for r in c.a],
-                "b_runs": [asdict(r) for r in c.b],
-            }
-            for c in cells
-        ],
-    }
+    text = "\n".join(render_comparison(comparison))
+    rounds = [
+        {
+            "stream": c.stream,
+            "conns": c.conns,
+            "a": [asdict(r) for r in c.a],
+            "b": [asdict(r) for r in c.b],
+        }
+        for c in cells
+    ]
     out = BENCH / "results" / f"ab-{stamp}"
     out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({**comparison, "rounds": rounds}, indent=2) + "\n"
+    )
     print("\n" + text)
     print(f"written to {out}.md and .json; logs in {workdir}")
-    if args.append_results:
-        results = BENCH / "RESULTS.md"
-        with results.open("a") as f:
-            f.write("\n" + text)
-        print(f"appended to {results}")
+    if args.record:
+        record(mode, comparison)
     return 0
 
 

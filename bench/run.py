@@ -6,6 +6,8 @@ with wrk at several concurrencies, non-streamed and streamed, and measures the g
 resident memory before and after many requests. The figures go to bench/results.json
 (every figure of the tables, rounded as shown) and bench/RESULTS.md (rendered from that data
 by render_results); tools/readme_figures.py renders the README's benchmark block from the JSON.
+The JSON's "comparisons" (side-by-side A/B runs recorded by bench/ab.py --record) are kept
+when a run rewrites it, and rendered after the tables.
 
 Usage: python bench/run.py [--duration 10] [--concurrency 1,8,32] [--rss-requests 50000]
                            [--litellm-venv .cache/bench-litellm] [--no-litellm]
@@ -380,7 +382,63 @@ def render_results(data: dict) -> str:
         "Reproduce: `make bench` (see bench/README.md).",
         "",
     ]
+    comparisons = data.get("comparisons", {})
+    for kind in sorted(comparisons, key=_comparison_rank):
+        lines += render_comparison(comparisons[kind])
     return "\n".join(lines)
+
+
+# The A/B sections of RESULTS.md, in this order; a kind not named here comes after them.
+COMPARISON_KINDS = ("client", "base")
+
+
+def _comparison_rank(kind: str) -> tuple[int, str]:
+    known = kind in COMPARISON_KINDS
+    return (COMPARISON_KINDS.index(kind) if known else len(COMPARISON_KINDS), kind)
+
+
+def comparison_cell_name(stream: bool, conns: int) -> str:
+    """A cell of an A/B table: `non-streamed, 8 conn`."""
+    return f"{'streamed' if stream else 'non-streamed'}, {conns} conn"
+
+
+def render_comparison(comparison: dict) -> list[str]:
+    """One A/B section of RESULTS.md from a comparison recorded by bench/ab.py (its meta,
+    its cells rounded as shown, its verdict sentence)."""
+    meta = comparison["meta"]
+    when = datetime.fromisoformat(meta["time_utc"])
+    lines = [
+        f"## A/B: {meta['title']}",
+        "",
+        f"Run {when:%Y-%m-%d %H:%M} UTC on {meta['host']}: {meta['cpus']} CPUs (load average "
+        f"{meta['load_average_start']:.2f} at the start, {meta['load_average_end']:.2f} at "
+        f"the end), Python {meta['python']}, {meta['tree']}. A = {meta['a']}; B = {meta['b']}. "
+        "Both gateways run at once in front of bench/upstream.py with every control on (as "
+        f"above), wrk -t1; per cell a {meta['warmup_seconds']:g} s warm-up of each, then "
+        f"{meta['rounds']} rounds of {meta['seconds_per_round']:g} s alternating A, B, so that "
+        "other load on the machine falls on both alike. Medians over the rounds; spread = "
+        "(max - min) / median of a side's req/s over its rounds: a difference smaller than "
+        "the spread is noise.",
+        "",
+        "| cell | A req/s | B req/s | B/A req/s | A p50 | B p50 | B/A p50 "
+        "| spread A | spread B | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparison["cells"]:
+        lines.append(
+            f"| {comparison_cell_name(c['stream'], c['conns'])} | {c['a_rps']:,} "
+            f"| {c['b_rps']:,} | {c['rps_ratio']:.2f}x | {c['a_p50_ms']:.3f} ms "
+            f"| {c['b_p50_ms']:.3f} ms | {c['p50_ratio']:.2f}x | {c['a_spread']:.0%} "
+            f"| {c['b_spread']:.0%} | {c['errors']} |"
+        )
+    lines += [
+        "",
+        comparison["verdict"],
+        "",
+        f"Reproduce: `{meta['command']}` (`make bench-ab` runs both comparisons).",
+        "",
+    ]
+    return lines
 
 
 def litellm_version(python: Path) -> str:
@@ -468,6 +526,9 @@ def main() -> int:
             targets["gateway"][0], workdir, procs["gateway"].pid, args.rss_requests
         )
     data = results_data(results, conns, rss_fresh, rss_after, rss_later, args.duration, version)
+    # A/B comparisons are recorded by bench/ab.py, not measured here: keep them.
+    if args.json.exists() and (kept := json.loads(args.json.read_text()).get("comparisons")):
+        data["comparisons"] = kept
     args.json.write_text(json.dumps(data, indent=2) + "\n")
     args.out.write_text(render_results(data))
     print(f"results written to {args.json} and {args.out}; logs in {workdir}")
