@@ -1,132 +1,154 @@
-"""Keep every role's meta/argument_specs.yml in step with its defaults/main.yml.
+"""Check every role's meta/argument_specs.yml against its defaults/main.yml (`make lint`).
 
-    python tools/argument_specs.py --write   regenerate the specs
-    python tools/argument_specs.py --check   fail when a spec is out of date (lint)
+    python tools/argument_specs.py --check
 
-The defaults file is the source: each variable's description is the comment
-block right above it (a variable without one is an error), and its type is
-read off the default (Jinja expressions and nulls are `raw`).
+The specs are written by hand (types, choices, elements, required, one line of
+description each), as prometheus-community does; this keeps them honest:
+
+- every variable in defaults/main.yml has a spec, with a type its default fits;
+- every spec option of the role's own prefix has a default, unless it is
+  `required` (then it stays in defaults/main.yml only as a comment);
+- options of another role's prefix are the variables this role reads from that
+  role: they must be that role's inputs (of the same type) or facts it sets, and
+  have no default here;
+- a default that is not a template is one of the option's `choices`, and a list
+  default's items fit `elements`;
+- descriptions are present and no two options of a role share one.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROLES = Path(__file__).resolve().parent.parent / "roles"
 
-
-def _type_of(value: object) -> str:
-    if isinstance(value, str) and "{{" in value:
-        return "raw"
-    for python_type, name in (
-        (bool, "bool"),
-        (int, "int"),
-        (float, "float"),
-        (str, "str"),
-        (list, "list"),
-        (dict, "dict"),
-    ):
-        if isinstance(value, python_type):
-            return name
-    return "raw"
+# Python types a default of each spec type may have (None: unset, always allowed).
+_FITS: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "path": (str,),
+    "int": (int,),
+    "float": (float, int),
+    "bool": (bool,),
+    "list": (list,),
+    "dict": (dict,),
+    "raw": (object,),
+}
 
 
-def _descriptions(text: str, prefix: str) -> dict[str, str]:
-    """Map each top-level variable to the comment block above it."""
-    found: dict[str, str] = {}
-    block: list[str] = []
-    example = False
-    for line in text.splitlines():
-        if line.startswith("#"):
-            # Commented-out examples (YAML under the prose) are not part of the description,
-            # and their Jinja would be templated by Ansible's argument validation.
-            body = line[1:]
-            example = (
-                example
-                or body.strip().startswith(f"{prefix}_")
-                or bool(re.match(r"(\s?- |\s{3,})", body))
-            )
-            if not example:
-                block.append(body.strip())
-        elif line and not line.startswith((" ", "-")) and ":" in line:
-            name = line.split(":", 1)[0]
-            # A comment block describes the variables that follow it until a blank line.
-            found[name] = " ".join(b for b in block if b) if block else found.get("__last__", "")
-            example = False
-            found["__last__"] = found[name]
-        elif not line.strip():
-            block = []
-            example = False
-            found["__last__"] = ""
-        else:
-            block = []
-            example = False
-    found.pop("__last__", None)
-    return found
+def _fits(value: Any, spec_type: str) -> bool:
+    if value is None or (isinstance(value, str) and "{{" in value):
+        return True  # unset, or a template: its type is known only when it renders
+    if spec_type not in _FITS:
+        return False
+    if isinstance(value, bool) and spec_type in ("int", "float"):
+        return False
+    return isinstance(value, _FITS[spec_type])
 
 
-def build(role: Path) -> tuple[dict, list[str]]:
-    text = (role / "defaults" / "main.yml").read_text()
-    defaults = yaml.safe_load(text) or {}
-    descriptions = _descriptions(text, role.name)
+def _options(role: Path) -> dict[str, dict[str, Any]]:
+    spec = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text()) or {}
+    options: dict[str, dict[str, Any]] = {}
+    for entry in (spec.get("argument_specs") or {}).values():
+        options.update(entry.get("options") or {})
+    return options
+
+
+def _sets_fact(role: Path, name: str) -> bool:
+    """Whether the role's tasks set `name` as a fact (an output other roles read)."""
+    return any(f"    {name}:" in f.read_text() for f in (role / "tasks").glob("*.yml"))
+
+
+def _prefix(role: Path) -> str:
+    return role.name + "_"
+
+
+def check_role(role: Path, all_options: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Problems of one role's spec against its defaults (empty: in step)."""
+    defaults_file = role / "defaults" / "main.yml"
+    defaults = yaml.safe_load(defaults_file.read_text()) if defaults_file.exists() else {}
+    defaults = defaults or {}
+    options = all_options[role.name]
+    prefixes = {_prefix(ROLES / name): name for name in all_options}
     problems = []
-    options = {}
+    where = f"roles/{role.name}"
     for name, value in defaults.items():
-        description = descriptions.get(name, "")
+        option = options.get(name)
+        if option is None:
+            problems.append(f"{where}: {name} has a default but no spec in meta/argument_specs.yml")
+            continue
+        if not _fits(value, option.get("type", "str")):
+            problems.append(
+                f"{where}: {name} defaults to {value!r}, which is not of its spec type "
+                f"{option.get('type', 'str')}"
+            )
+        choices = option.get("choices")
+        if choices and not (isinstance(value, str) and "{{" in value) and value not in choices:
+            problems.append(f"{where}: {name} defaults to {value!r}, not one of {choices}")
+        elements = option.get("elements")
+        if isinstance(value, list) and elements:
+            bad = [v for v in value if not _fits(v, elements)]
+            if bad:
+                problems.append(f"{where}: {name} has items {bad!r} that are not {elements}")
+        if option.get("required"):
+            problems.append(
+                f"{where}: {name} is required but has a default "
+                "(comment it out in defaults/main.yml)"
+            )
+    seen: dict[str, str] = {}
+    for name, option in options.items():
+        description = str(option.get("description") or "").strip()
         if not description:
-            problems.append(f"{role.name}: {name} has no comment above it in defaults/main.yml")
-        option = {"type": _type_of(value), "description": description or name}
-        if option["type"] == "list" and value and all(isinstance(v, str) for v in value):
-            option["elements"] = "str"
-        options[name] = option
-    meta = yaml.safe_load((role / "meta" / "main.yml").read_text())
-    spec = {
-        "argument_specs": {
-            "main": {
-                "short_description": meta["galaxy_info"]["description"],
-                "options": options,
-            }
-        }
-    }
-    return spec, problems
-
-
-def render(spec: dict) -> str:
-    body = yaml.safe_dump(spec, sort_keys=False, width=120, default_flow_style=False)
-    return "---\n# Generated from defaults/main.yml by tools/argument_specs.py --write.\n" + body
+            problems.append(f"{where}: {name} has no description")
+        elif description in seen:
+            problems.append(f"{where}: {name} has the same description as {seen[description]}")
+        seen.setdefault(description, name)
+        if "type" not in option:
+            problems.append(f"{where}: {name} has no type")
+        owner = next((r for p, r in prefixes.items() if name.startswith(p)), None)
+        if owner == role.name:
+            if name not in defaults and not option.get("required"):
+                problems.append(
+                    f"{where}: {name} has a spec but no default (give one, or make it required)"
+                )
+        elif owner is not None:
+            # Read from another role: declared here, defined there.
+            theirs = all_options[owner].get(name)
+            if name in defaults:
+                problems.append(f"{where}: {name} belongs to role {owner}: no default here")
+            if theirs is None and not _sets_fact(ROLES / owner, name):
+                problems.append(f"{where}: {name} is neither an input nor a fact of role {owner}")
+            elif theirs is not None and theirs.get("type") != option.get("type"):
+                problems.append(
+                    f"{where}: {name} is {option.get('type')} here, {theirs.get('type')} in {owner}"
+                )
+        else:
+            problems.append(f"{where}: {name} is neither this role's input nor another role's")
+    return problems
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true")
-    mode.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    failed = False
-    # common is imported by entry point (tasks_from) and has no inputs in defaults/main.yml.
-    roles = (p for p in ROLES.iterdir() if (p / "defaults" / "main.yml").exists())
-    for role in sorted(r for r in roles if r.name != "common"):
-        spec, problems = build(role)
-        for problem in problems:
-            print(problem, file=sys.stderr)
-            failed = True
-        target = role / "meta" / "argument_specs.yml"
-        wanted = render(spec)
-        if args.write:
-            target.write_text(wanted)
-        elif not target.exists() or target.read_text() != wanted:
-            print(
-                f"{target.relative_to(ROLES.parent)} is out of date: run "
-                "python tools/argument_specs.py --write",
-                file=sys.stderr,
-            )
-            failed = True
-    return 1 if failed else 0
+    parser.add_argument("--check", action="store_true", required=True)
+    parser.parse_args()
+    roles = sorted(p for p in ROLES.iterdir() if (p / "meta" / "main.yml").exists())
+    problems = []
+    for role in roles:
+        if not (role / "meta" / "argument_specs.yml").exists():
+            problems.append(f"roles/{role.name}: no meta/argument_specs.yml")
+    all_options = {
+        r.name: _options(r) for r in roles if (r / "meta" / "argument_specs.yml").exists()
+    }
+    for role in roles:
+        if role.name in all_options:
+            problems += check_role(role, all_options)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

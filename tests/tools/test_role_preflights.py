@@ -1,0 +1,200 @@
+"""The roles' preflights and argument specs refuse what an operator can get wrong,
+naming the variable: placeholder and weak secrets, example keys, bad choices.
+
+Each role runs for real (`ansible-playbook --tags <role>_preflight`: its argument
+validation and preflight, nothing else) against stand-in hosts on the controller
+(connection local; the preflights only evaluate variables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLES = ("llm_proxy", "vllm", "grafana")
+
+
+def _good_key() -> str:
+    return "sk-" + secrets.token_urlsafe(30)
+
+
+def _good_vars() -> dict:
+    return {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "llm_proxy_api_keys": [
+            {"user": "alice", "key": _good_key()},
+            {"user": "bob", "key_sha256": hashlib.sha256(_good_key().encode()).hexdigest()},
+        ],
+        "vllm_api_key": _good_key(),
+        "grafana_admin_password": secrets.token_urlsafe(18),
+    }
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# host name -> (variables over the good ones, what the refusal must say)
+CASES = {
+    "key-placeholder": (
+        {"llm_proxy_api_keys": [{"user": "alice", "key": "sk-change-me-alice-0000000000000000"}]},
+        "llm_proxy_api_keys[0] (user alice).key is a placeholder",
+    ),
+    "key-short": (
+        {"llm_proxy_api_keys": [{"user": "alice", "key": "sk-abcdefghijklmnop"}]},
+        "llm_proxy_api_keys[0] (user alice).key has 16 characters, fewer than 32",
+    ),
+    "key-not-random": (
+        {"llm_proxy_api_keys": [{"user": "alice", "key": "sk-" + "ab" * 20}]},
+        "llm_proxy_api_keys[0] (user alice).key is not random",
+    ),
+    "hash-of-foo": (
+        {"llm_proxy_api_keys": [{"user": "bob", "key_sha256": _sha("foo")}]},
+        "llm_proxy_api_keys[0] (user bob).key_sha256 is the hash of an example key",
+    ),
+    "hash-of-bar": (
+        {"llm_proxy_api_keys": [{"user": "ops", "key_sha256": _sha("bar"), "admin": True}]},
+        "llm_proxy_api_keys[0] (user ops).key_sha256 is the hash of an example key",
+    ),
+    "hash-placeholder": (
+        {"llm_proxy_api_keys": [{"user": "bob", "key_sha256": "change-me: from llm-proxy new-key"}]},
+        "llm_proxy_api_keys[0] (user bob).key_sha256 is a placeholder",
+    ),
+    "key-and-hash": (
+        {"llm_proxy_api_keys": [{"user": "bob", "key": _good_key(), "key_sha256": _sha("x")}]},
+        "parameters are mutually exclusive: key|key_sha256",
+    ),
+    "vllm-key-placeholder": (
+        {"vllm_api_key": "change-me-long-random-string"},
+        "vllm_api_key is a placeholder",
+    ),
+    "vllm-key-short": ({"vllm_api_key": "k3y-Sh0rt"}, "vllm_api_key has 9 characters"),
+    "vllm-device-choice": ({"vllm_device": "gpu"}, "vllm_device must be one of: cuda, cpu"),
+    "grafana-default": ({"grafana_admin_password": "admin"}, "Grafana's default (admin)"),
+    "grafana-placeholder": (
+        {"grafana_admin_password": "change-me-grafana"},
+        "grafana_admin_password is a placeholder",
+    ),
+    "grafana-short": ({"grafana_admin_password": "s3cret"}, "fewer than 12 characters"),
+    "grafana-source-choice": (
+        {"grafana_install_source": "tarball"},
+        "grafana_install_source must be one of: repository, deb, none",
+    ),
+}
+
+
+def _preflights(inventory: Path, tmp_path: Path, *extra: str) -> dict[str, list[str]]:
+    """Run each role's argument validation and preflight; failure messages per host."""
+    failures: dict[str, list[str]] = {}
+    for role in ROLES:
+        play = tmp_path / f"{role}.yml"
+        group = "monitoring" if role == "grafana" else "gpu"
+        play.write_text(
+            yaml.safe_dump([{"hosts": group, "gather_facts": False, "roles": [role]}])
+        )
+        env = dict(
+            os.environ,
+            ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+            ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+            ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
+        )
+        run = subprocess.run(
+            ["ansible-playbook", "-i", str(inventory), str(play), "--tags", f"{role}_preflight"]
+            + list(extra),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+            cwd=ROOT,
+        )
+        result = json.loads(run.stdout)
+        for play_result in result["plays"]:
+            for task in play_result["tasks"]:
+                for host, outcome in task["hosts"].items():
+                    if outcome.get("failed"):
+                        failures.setdefault(host, []).append(str(outcome.get("msg")))
+        assert result["stats"], run.stderr[-2000:]
+    return failures
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict[str, list[str]]:
+    tmp_path = tmp_path_factory.mktemp("preflights")
+    hosts = {"good": _good_vars()}
+    for name, (override, _) in CASES.items():
+        hosts[name] = {**_good_vars(), **override}
+    inventory = tmp_path / "hosts.yml"
+    everywhere = {"hosts": hosts}
+    inventory.write_text(
+        yaml.safe_dump({"all": {"children": {"gpu": everywhere, "monitoring": everywhere}}})
+    )
+    return _preflights(inventory, tmp_path)
+
+
+def test_good_secrets_pass(refusals):
+    assert "good" not in refusals, refusals.get("good")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_weak_or_wrong_input_is_refused_naming_it(refusals, case):
+    expected = CASES[case][1]
+    assert case in refusals, f"{case} passed the preflight"
+    assert any(expected in message for message in refusals[case]), refusals[case]
+
+
+def test_no_refusal_shows_the_secret(refusals):
+    for case, messages in refusals.items():
+        for secret in ("sk-change-me-alice", "abababab", "k3y-Sh0rt", "change-me-grafana"):
+            assert secret not in " ".join(messages), case
+
+
+def test_the_example_inventory_as_shipped_is_refused(tmp_path):
+    refusals = _preflights(
+        ROOT / "inventories" / "example",
+        tmp_path,
+        "-e",
+        f"ansible_connection=local ansible_python_interpreter={sys.executable}",
+    )
+    gateway = " ".join(refusals["gpu01.example.internal"])
+    for user in ("alice", "bob", "check"):
+        assert f"(user {user})" in gateway, gateway
+    assert "vllm_api_key is a placeholder" in gateway
+    assert "grafana_admin_password is a placeholder" in " ".join(
+        refusals["mon01.example.internal"]
+    )
+
+
+def test_the_example_inventory_works_once_its_placeholders_are_replaced(tmp_path):
+    inventory = tmp_path / "prod"
+    shutil.copytree(ROOT / "inventories" / "example", inventory)
+    vault = inventory / "group_vars" / "all" / "vault.yml"
+    values = yaml.safe_load(vault.read_text())
+    for name, value in values.items():
+        if value:
+            values[name] = secrets.token_urlsafe(30)
+    vault.write_text(yaml.safe_dump(values))
+    gateway = inventory / "group_vars" / "gpu" / "gateway.yml"
+    settings = yaml.safe_load(gateway.read_text())
+    for entry in settings["llm_proxy_api_keys"]:
+        if "key_sha256" in entry:
+            entry["key_sha256"] = _sha(_good_key())
+    gateway.write_text(yaml.safe_dump(settings))
+    refusals = _preflights(
+        inventory,
+        tmp_path,
+        "-e",
+        f"ansible_connection=local ansible_python_interpreter={sys.executable}",
+    )
+    assert refusals == {}
