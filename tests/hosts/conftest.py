@@ -169,6 +169,33 @@ def assert_unit_healthy(host: Any, unit: str) -> None:
     assert restarts == "0", f"{unit} restarted {restarts} times (journalctl -u {unit})"
 
 
+# Every unit on a host, llmhost's own and the distribution's (hardened by drop-ins),
+# stays at or below this `systemd-analyze security` figure (10 = no sandbox at all).
+EXPOSURE_CEILING = 3.0
+_EXPOSURE = re.compile(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)")
+
+
+def unit_exposure(host: Any, unit: str) -> float:
+    """The unit's overall exposure, as `systemd-analyze security` scores it (0-10)."""
+    result = host.run(f"systemd-analyze security --no-pager {unit}")
+    assert result.rc == 0, f"systemd-analyze security {unit}: {result.stderr}"
+    match = _EXPOSURE.search(result.stdout)
+    assert match, f"no overall exposure level in: {result.stdout[-300:]}"
+    return float(match.group(1))
+
+
+def assert_unit_hardened(host: Any, unit: str) -> None:
+    """The unit's sandbox scores at or below EXPOSURE_CEILING; the failure lists what is open."""
+    exposure = unit_exposure(host, unit)
+    if exposure > EXPOSURE_CEILING:
+        report = host.run(f"systemd-analyze security --no-pager {unit}").stdout
+        open_options = [line for line in report.splitlines() if line.startswith("✗")]
+        pytest.fail(
+            f"{unit}: exposure {exposure} > {EXPOSURE_CEILING} (systemd-analyze security {unit}):\n"
+            + "\n".join(open_options)
+        )
+
+
 def openai_error(body: str) -> dict[str, Any]:
     """Parse an OpenAI-shaped error body and check its shape."""
     error = json.loads(body)["error"]

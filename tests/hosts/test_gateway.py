@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
-from conftest import assert_unit_healthy, http, openai_error
+from conftest import assert_unit_hardened, assert_unit_healthy, http, openai_error
 
 testinfra_hosts = ["ansible://gpu"]
 
 
 def test_gateway_is_active_enabled_and_stable(host):
     assert_unit_healthy(host, "llm-proxy")
+
+
+def test_gateway_unit_is_sandboxed(host):
+    assert_unit_hardened(host, "llm-proxy")
 
 
 def test_gateway_listens_on_loopback_only(host, hostvar):

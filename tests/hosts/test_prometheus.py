@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import assert_unit_healthy
+from conftest import assert_unit_hardened, assert_unit_healthy
 
 testinfra_hosts = ["ansible://monitoring"]
 
@@ -18,6 +18,11 @@ def _api(host, hostvar, path):
 
 def test_prometheus_is_active_enabled_and_stable(host):
     assert_unit_healthy(host, "prometheus")
+
+
+def test_prometheus_unit_is_sandboxed(host):
+    """Debian's unit with the role's drop-in: 3.9 without it, 1.2 with it."""
+    assert_unit_hardened(host, "prometheus")
 
 
 def test_prometheus_config_is_valid(host):

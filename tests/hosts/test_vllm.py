@@ -6,13 +6,17 @@ import json
 import os
 
 import pytest
-from conftest import IN_MOLECULE, assert_unit_healthy
+from conftest import IN_MOLECULE, assert_unit_hardened, assert_unit_healthy
 
 testinfra_hosts = ["ansible://gpu"]
 
 
 def test_vllm_is_active_enabled_and_stable(host):
     assert_unit_healthy(host, "vllm")
+
+
+def test_vllm_unit_is_sandboxed(host):
+    assert_unit_hardened(host, "vllm")
 
 
 def test_vllm_listens_on_its_private_address_only(host, hostvar):
