@@ -15,10 +15,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from testinfra.modules.ansible import AnsibleException
 
 # `make check` (tools/check_hosts.py) sets LLMHOST_CHECK: operators' hosts, read-only.
 READ_ONLY = os.environ.get("LLMHOST_CHECK") == "1"
 IN_MOLECULE = bool(os.environ.get("MOLECULE_SCENARIO_NAME")) and not READ_ONLY
+
+# Secrets reach a host's command on its standard input through Ansible's command module
+# (run_with_stdin): pipelining hands module arguments to the remote Python on its stdin, so
+# they are on no command line that sudo or ps shows; and modules must not log their
+# arguments (stdin among them) to the host's journal either.
+os.environ.setdefault("ANSIBLE_NO_TARGET_SYSLOG", "True")
 
 # Commands that would change a host. The checks never need one; in read-only
 # mode a test that tries is failed with this reason instead of running it.
@@ -44,11 +51,31 @@ class ReadOnlyHost:
     def __init__(self, host: Any) -> None:
         self._host = host
 
-    def run(self, command: str, *args: Any, **kwargs: Any) -> Any:
-        rendered = command % tuple(shlex.quote(str(a)) for a in args) if args else command
+    @staticmethod
+    def refuse_mutating(rendered: str) -> None:
         if _MUTATING.search(rendered):
             pytest.fail(f"refused in read-only mode (make check changes no host): {rendered!r}")
+
+    def run(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        self.refuse_mutating(
+            command % tuple(shlex.quote(str(a)) for a in args) if args else command
+        )
         return self._host.run(command, *args, **kwargs)
+
+    # testinfra's other ways to run a command call the wrapped host's own `run`, around
+    # this guard: each goes through the guarded `run` here instead.
+    def check_output(self, command: str, *args: Any, **kwargs: Any) -> str:
+        result = self.run(command, *args, **kwargs)
+        assert result.rc == 0, f"Unexpected exit code {result.rc} for {result}"
+        return result.stdout.rstrip("\r\n")
+
+    def run_expect(self, expected: list[int], command: str, *args: Any, **kwargs: Any) -> Any:
+        result = self.run(command, *args, **kwargs)
+        assert result.rc in expected, f"Unexpected exit code {result.rc} for {result}"
+        return result
+
+    def run_test(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        return self.run_expect([0, 1], command, *args, **kwargs)
 
     def ansible(self, module: str, module_args: str | None = None, **kwargs: Any) -> Any:
         kwargs["check"] = True  # Ansible's check mode: report, never change
@@ -56,6 +83,25 @@ class ReadOnlyHost:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
+
+
+def run_with_stdin(host: Any, argv: list[str], stdin: str) -> tuple[int, str, str]:
+    """Run argv on the host with `stdin` on its standard input; return rc, stdout, stderr.
+
+    For secrets: give `stdin` as a template of an inventory variable
+    ("{{ llmhost_check_api_key }}"), which Ansible resolves, so the secret is on no
+    command line here or on the host.
+    """
+    if isinstance(host, ReadOnlyHost):
+        ReadOnlyHost.refuse_mutating(shlex.join(argv))
+        host = host._host
+    try:
+        result = host.ansible(
+            "ansible.builtin.command", json.dumps({"argv": argv, "stdin": stdin}), check=False
+        )
+    except AnsibleException as failed:  # a non-zero exit status
+        result = failed.result
+    return int(result.get("rc", 1)), result.get("stdout", ""), result.get("stderr", "")
 
 
 @pytest.fixture
@@ -119,8 +165,12 @@ def http(
     body: str | None = None,
     timeout: int = 30,
     source: str | None = None,
+    secret_headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], str]:
     """Send one HTTP request from the host itself with curl; return status, headers, body.
+
+    ``secret_headers`` (values may be templates of inventory variables, "Bearer {{ ... }}")
+    reach curl on its standard input (``-H @-``), never on a command line: see run_with_stdin.
 
     ``source`` is the local address the request leaves from (curl --interface): any of
     127.0.0.0/8 works on Linux without configuring it, so a check can come from a network
@@ -149,15 +199,20 @@ def http(
         args += ["-H", f"{name}: {value}"]
     if body is not None:
         args += ["--data-binary", body, "-H", "Content-Type: application/json"]
-    result = host.run(" ".join(shlex.quote(a) for a in args))
-    assert result.rc == 0, f"curl {method} {url} failed: {result.stderr}"
-    status_line, *header_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if secret_headers:
+        lines = "\n".join(f"{name}: {value}" for name, value in secret_headers.items())
+        rc, stdout, stderr = run_with_stdin(host, [*args, "-H", "@-"], lines)
+    else:
+        result = host.run(" ".join(shlex.quote(a) for a in args))
+        rc, stdout, stderr = result.rc, result.stdout, result.stderr
+    assert rc == 0, f"curl {method} {url} failed: {stderr}"
+    status_line, *header_lines = [line for line in stderr.splitlines() if line.strip()]
     status = int(status_line.split()[1])
     parsed = {}
     for line in header_lines:
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
-    return status, parsed, result.stdout
+    return status, parsed, stdout
 
 
 def assert_unit_healthy(host: Any, unit: str) -> None:

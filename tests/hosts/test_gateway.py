@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
-from conftest import assert_unit_hardened, assert_unit_healthy, http, openai_error
+from conftest import (
+    assert_unit_hardened,
+    assert_unit_healthy,
+    http,
+    openai_error,
+    run_with_stdin,
+)
 
 testinfra_hosts = ["ansible://gpu"]
 
@@ -43,8 +50,15 @@ def test_no_plaintext_key_on_disk(host, hostvar):
     # The one plaintext key the checks know; without it the search below would pass unseen.
     check_key = hostvar("llmhost_check_api_key", "")
     assert check_key, "set llmhost_check_api_key in the inventory (a key the checks may use)"
-    found = host.run("grep -rlF -- %s /etc /var/lib/llm-proxy /opt/llm-proxy", check_key)
-    assert found.stdout == "", f"plaintext key found in {found.stdout}"
+    # The key is the pattern on grep's stdin, not on its command line (sudo logs those);
+    # first, proof that it arrives there (else grep would search for nothing and pass).
+    key = "{{ llmhost_check_api_key }}"
+    _, digest, _ = run_with_stdin(host, ["sha256sum"], key)
+    assert digest.split()[0] == hashlib.sha256(f"{check_key}\n".encode()).hexdigest()
+    rc, found, errors = run_with_stdin(
+        host, ["grep", "-rlF", "-f", "-", "/etc", "/var/lib/llm-proxy", "/opt/llm-proxy"], key
+    )
+    assert rc != 0 and found == "", f"plaintext key found in {found} {errors}"
 
 
 def test_gateway_health_and_readiness(host, hostvar):
@@ -78,7 +92,7 @@ def test_a_real_answer_through_nginx(host, hostvar, nginx_url):
         host,
         "POST",
         nginx_url("/v1/chat/completions"),
-        headers={"Authorization": f"Bearer {key}"},
+        secret_headers={"Authorization": "Bearer {{ llmhost_check_api_key }}"},
         body=body,
         timeout=120,
     )

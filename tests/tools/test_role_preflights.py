@@ -68,7 +68,11 @@ CASES = {
         "llm_proxy_api_keys[0] (user ops).key_sha256 is the hash of an example key",
     ),
     "hash-placeholder": (
-        {"llm_proxy_api_keys": [{"user": "bob", "key_sha256": "change-me: from llm-proxy new-key"}]},
+        {
+            "llm_proxy_api_keys": [
+                {"user": "bob", "key_sha256": "change-me: from llm-proxy new-key"}
+            ]
+        },
         "llm_proxy_api_keys[0] (user bob).key_sha256 is a placeholder",
     ),
     "key-and-hash": (
@@ -100,18 +104,16 @@ def _preflights(inventory: Path, tmp_path: Path, *extra: str) -> dict[str, list[
     for role in ROLES:
         play = tmp_path / f"{role}.yml"
         group = "monitoring" if role == "grafana" else "gpu"
-        play.write_text(
-            yaml.safe_dump([{"hosts": group, "gather_facts": False, "roles": [role]}])
-        )
+        play.write_text(yaml.safe_dump([{"hosts": group, "gather_facts": False, "roles": [role]}]))
         env = dict(
             os.environ,
             ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
             ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
             ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
         )
+        command = ["ansible-playbook", "-i", str(inventory), str(play)]
         run = subprocess.run(
-            ["ansible-playbook", "-i", str(inventory), str(play), "--tags", f"{role}_preflight"]
-            + list(extra),
+            [*command, "--tags", f"{role}_preflight", *extra],
             capture_output=True,
             text=True,
             env=env,
@@ -171,9 +173,7 @@ def test_the_example_inventory_as_shipped_is_refused(tmp_path):
     for user in ("alice", "bob", "check"):
         assert f"(user {user})" in gateway, gateway
     assert "vllm_api_key is a placeholder" in gateway
-    assert "grafana_admin_password is a placeholder" in " ".join(
-        refusals["mon01.example.internal"]
-    )
+    assert "grafana_admin_password is a placeholder" in " ".join(refusals["mon01.example.internal"])
 
 
 def test_the_example_inventory_works_once_its_placeholders_are_replaced(tmp_path):

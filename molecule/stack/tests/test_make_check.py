@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[3]
 testinfra_hosts = ["ansible://llmhost-stack"]
 
 
-def _check(*pytest_args: str) -> subprocess.CompletedProcess:
+def _check(*pytest_args: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOLECULE_SCENARIO")}
+    env.update(extra_env)
     return subprocess.run(
         [
             sys.executable,
@@ -74,3 +75,19 @@ def test_check_fails_when_a_file_mode_is_wrong(keys_file_world_readable):
     assert run.returncode != 0
     assert "test_config_and_keys_files_are_private" in _table_row(run.stdout, "llmhost-stack")
     assert "has mode 0o644, expected 0o640" in run.stdout
+
+
+def test_the_check_key_is_on_no_command_line_sudo_logs(host):
+    """Under become (sudo, as on a real host), sudo logs every command it runs: the checks
+    that use the check key must hand it over another way (stdin), never on a command line."""
+    key = (
+        "sk-" + (Path(os.environ["LLMHOST_CACHE_DIR"]) / "demo" / "demo-key").read_text().split()[0]
+    )
+    since = host.run("date +%s").stdout.strip()
+    run = _check("-k", "real_answer or plaintext", ANSIBLE_BECOME="true")
+    assert run.returncode == 0, run.stdout[-4000:]
+    journal = host.run(f"journalctl --no-pager -o cat --since @{since}").stdout
+    # Not vacuous: the checks did run their commands through sudo, and sudo logged them.
+    assert "COMMAND=" in journal, journal[-2000:]
+    assert key not in journal, "the check key is in the host's journal (a command line sudo logged)"
+    assert key[3:] not in journal

@@ -241,6 +241,17 @@ def test_global_limits_change_in_place_other_settings_restart(stack, demo_key):
     assert _completion_codes(stack, demo_key, 3) == ["200", "200", "200"]
 
 
+def test_a_run_limited_to_the_serving_host_keeps_the_monitoring_host_allowed(stack, probe):
+    """site.yml --limit gpu01 gathers no facts of the monitoring host: nginx's preflight
+    gathers its address, so it stays in the allow-list and Prometheus keeps scraping."""
+    conf_before = stack.file("/etc/nginx/nginx.conf").sha256sum
+    run = _converge({}, tags="nginx")  # --limit llmhost-stack
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert stack.file("/etc/nginx/nginx.conf").sha256sum == conf_before
+    for path in ("/metrics", "/metrics/vllm"):
+        assert _curl(probe, f"http://{STACK}:8000{path}").stdout == "200", path
+
+
 def test_gateway_unit_exposure_is_low(stack):
     result = stack.run("systemd-analyze security --no-pager llm-proxy.service")
     last = result.stdout.strip().splitlines()[-1]
