@@ -21,7 +21,8 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down \
-        lint test test-tools test-rules test-proxy test-molecule check bench bench-ab clean
+        lint test test-tools test-rules test-proxy test-molecule test-cuda-install check bench \
+        bench-ab clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -76,8 +77,8 @@ lint: venv ## ruff, yamllint, ansible-lint (production profile), argument specs,
 	$(VENV)/bin/python tools/argument_specs.py --check
 	$(VENV)/bin/python tools/readme_figures.py --check
 
-test-tools: venv ## Unit tests of tools/ (seconds, no services)
-	$(VENV)/bin/pytest -q tests/tools
+test-tools: venv ## Unit tests of tools/ and of the roles' plugins (seconds, no services)
+	$(VENV)/bin/pytest -q tests/tools tests/roles
 
 test-rules: deps ## Alert rules: promtool check and unit tests
 	promtool check rules roles/prometheus/files/rules/llmhost.rules.yml
@@ -88,6 +89,20 @@ test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 
 test-molecule: setup ## Every Molecule scenario (real systemd hosts)
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
+
+# Opt-in, not part of `make test` (about 9 minutes and a 4 GB download): the CUDA build of
+# vLLM, at the version the vllm role pins for GPU hosts, installed by the role from a
+# wheelhouse into a test host; then its CLI runs (molecule/cuda-install).
+VLLM_CUDA_VERSION = $(shell sed -n "s/^vllm_version: .* else '\([0-9.]*\)'.*/\1/p" roles/vllm/defaults/main.yml)
+CUDA_WHEELHOUSE := $(CACHE)/wheelhouse-cuda
+
+$(CUDA_WHEELHOUSE)/.complete: roles/vllm/defaults/main.yml
+	mkdir -p $(CUDA_WHEELHOUSE)
+	$(VENV)/bin/pip download --isolated --quiet --dest $(CUDA_WHEELHOUSE) vllm==$(VLLM_CUDA_VERSION)
+	touch $@
+
+test-cuda-install: venv testbed $(CUDA_WHEELHOUSE)/.complete ## Opt-in: vLLM's CUDA build installed from a wheelhouse by the role
+	molecule test -s cuda-install
 
 test: lint test-tools test-rules test-proxy test-molecule ## Everything CI runs
 
