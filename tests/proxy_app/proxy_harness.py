@@ -126,6 +126,16 @@ def start(
     return Proc(popen, log, group)
 
 
+def checkout_env() -> dict[str, str]:
+    """Environment under which ``python -m proxy_app`` imports this checkout's gateway.
+
+    The venv may hold an editable install of another checkout (a second git worktree, say):
+    the gateway under test must be the one these tests sit next to.
+    """
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
 def wait_http_ok(proc: Proc, url: str, timeout: float, what: str) -> None:
     """Wait until GET ``url`` answers 200; fail at once if the process exits."""
     deadline = time.monotonic() + timeout
@@ -198,6 +208,7 @@ class Gateway:
         self.proc = start(
             [sys.executable, "-m", "proxy_app", "--config", str(self.config_path)],
             self.log_path,
+            env=checkout_env(),
         )
         wait_http_ok(self.proc, self.url + "/health", 30, "the gateway")
         return self

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from proxy_harness import checkout_env
 
 BIN = Path(sys.executable).parent
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy_app", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "proxy_app", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **checkout_env()},
     )
 
 
@@ -90,6 +96,7 @@ def test_console_script(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **checkout_env()},
     )
     assert r.returncode == 0, r.stderr
 
