@@ -265,9 +265,18 @@ def keys_with(**limits: Any) -> list[dict[str, Any]]:
     ]
 
 
-def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """The sum of the samples of ``name`` whose labels include ``labels``; None if none."""
+class MetricMissing(AssertionError):
+    """A metric a test reads is not exposed: renamed, or never recorded with these labels."""
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``.
+
+    Raises MetricMissing when no sample matches: a renamed metric must fail the test that
+    reads it, not read as zero.
+    """
     total: float | None = None
+    seen: list[str] = []
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
             continue
@@ -275,6 +284,7 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
         metric, _, rest = head.partition("{")
         if metric != name:
             continue
+        seen.append(line)
         got = {}
         for part in rest.rstrip("}").split(","):
             if "=" in part:
@@ -282,4 +292,17 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
                 got[k] = v.strip('"')
         if all(got.get(k) == v for k, v in (labels or {}).items()):
             total = (total or 0.0) + float(value)
+    if total is None:
+        if not seen:
+            raise MetricMissing(f"no metric {name!r} in the exposition")
+        shown = "\n  ".join(seen[:20])
+        raise MetricMissing(f"no sample of {name!r} with labels {labels}; there are:\n  {shown}")
     return total
+
+
+def upstream_metric(upstream: Upstream, name: str, labels: dict[str, str] | None = None) -> float:
+    """A metric of the upstream's own /metrics (vLLM's), read straight from it."""
+    with httpx.Client(trust_env=False, timeout=10) as c:
+        r = c.get(upstream.url + "/metrics")
+        r.raise_for_status()
+        return metric_value(r.text, name, labels)

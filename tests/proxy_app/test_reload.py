@@ -134,7 +134,7 @@ def _sighup_with_config(gw: Gateway, event: str, **changes: object) -> dict:
 
 
 def _rejections(gw: Gateway, reason: str) -> float:
-    return metric_value(gw.metrics(), "gateway_rejections_total", {"reason": reason}) or 0.0
+    return metric_value(gw.metrics(), "gateway_rejections_total", {"reason": reason})
 
 
 def test_sighup_applies_new_global_limits_and_key_defaults(gw: Gateway) -> None:
