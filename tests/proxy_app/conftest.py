@@ -25,6 +25,7 @@ import pytest
 from proxy_harness import (
     HERE,
     REPO,
+    VLLM_MAX_MODEL_LEN,
     Gateway,
     GatewayFactory,
     Upstream,
@@ -38,7 +39,12 @@ from proxy_harness import (
 
 @pytest.fixture(scope="session")
 def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    """Real vLLM on the CPU serving the tiny model as "tiny" (one per test session)."""
+    """Real vLLM on the CPU serving the tiny model as "tiny" and "other" (one per session).
+
+    Two names of one model: a key limited to "tiny" is refused "other", which vLLM serves.
+    A 2048-token context (the tiny model's own): long ignore_eos generations that last
+    seconds, for the tests of streaming and of clients that leave.
+    """
     python = Path(os.environ.get("LLMHOST_VLLM_PYTHON", REPO / ".venv-vllm/bin/python"))
     model = Path(os.environ.get("LLMHOST_TINY_MODEL", REPO / ".cache/tiny-model"))
     missing = []
@@ -69,6 +75,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
             str(model),
             "--served-model-name",
             "tiny",
+            "other",
             "--host",
             "127.0.0.1",
             "--port",
@@ -77,7 +84,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
             "--kv-cache-memory-bytes",
             "67108864",
             "--max-model-len",
-            "1024",
+            str(VLLM_MAX_MODEL_LEN),
             "--dtype",
             "float32",
         ],

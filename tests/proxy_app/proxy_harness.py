@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
 
+# The test vLLM's context (--max-model-len): the tiny model's own 2048 positions.
+VLLM_MAX_MODEL_LEN = 2048
+
 ADMIN_KEY = "sk-admin-0123456789"
 USER_KEY = "sk-user-0123456789"
 

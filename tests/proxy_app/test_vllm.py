@@ -147,7 +147,7 @@ def test_stream_is_passed_chunk_by_chunk(gw: Gateway) -> None:
 
 
 def test_models_listed_per_key(gw: Gateway, client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert [m.id for m in client.models.list()] == ["tiny", "other"]
     with gw.client(RESTRICTED_KEY) as c:
         r = c.get("/v1/models")
         assert r.status_code == 200
