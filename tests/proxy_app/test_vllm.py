@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from collections.abc import Iterator
 
@@ -12,6 +11,7 @@ import pytest
 from proxy_harness import (
     ADMIN_KEY,
     USER_KEY,
+    VLLM_MAX_MODEL_LEN,
     Gateway,
     Upstream,
     metric_value,
@@ -22,6 +22,10 @@ from proxy_harness import (
 RESTRICTED_KEY = "sk-restricted-0123456789"
 # ignore_eos makes the random model produce exactly max_tokens tokens.
 EXACT = {"ignore_eos": True}
+# The longest generation the context allows for a prompt of a few tokens ("go": 2), with
+# nothing that may end it early: thousands of engine steps, seconds on any CPU.
+LONG_TOKENS = VLLM_MAX_MODEL_LEN - 16
+LONG = {"max_tokens": LONG_TOKENS, "min_tokens": LONG_TOKENS, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,10 @@ def client(gw: Gateway) -> Iterator[openai.OpenAI]:
 
 def _user_usage(gw: Gateway) -> dict[str, int]:
     return gw.usage(ADMIN_KEY)["user1"]["total_usage"]
+
+
+def _vllm_idle(vllm: Upstream) -> None:
+    wait_for(lambda: upstream_metric(vllm, "vllm:num_requests_running") == 0, 60, "vLLM idle")
 
 
 def test_chat_completion_counts_vllm_tokens(gw: Gateway, client: openai.OpenAI) -> None:
@@ -195,63 +203,52 @@ def test_usage_is_in_sqlite(gw: Gateway, client: openai.OpenAI) -> None:
 
 
 def test_client_disconnect_stops_vllm_and_charges_tokens(gw: Gateway, vllm: Upstream) -> None:
-    def vllm_metric(name: str) -> float:
-        return upstream_metric(vllm, name)
-
-    # n=4 x 1000 tokens keeps vLLM busy for a few seconds, far longer than the gateway needs
-    # to notice the client leaving. On 2 shared cores, though, vLLM's API process can be
-    # starved by its own engine and deliver a whole stream in one late burst; then the client
-    # had nothing to leave, and the attempt is made again.
-    body = {"model": "tiny", "prompt": "go", "max_tokens": 1000, "n": 4, "stream": True, **EXACT}
-    for _ in range(3):
-        wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to be idle")
-        generated_before = vllm_metric("vllm:generation_tokens_total")
-        before = _user_usage(gw)
-        with gw.client(USER_KEY) as c, c.stream("POST", "/v1/completions", json=body) as r:
-            rid = r.headers["x-request-id"]
-            seen = 0
-            for line in r.iter_lines():
-                seen += line.startswith("data: ")
-                if seen == 3:
-                    break
-        line = gw.request_log(rid)
-        if line["status"] != 200:
-            break
+    # 4 x 2032 tokens that nothing can end early: seconds of generation, far longer than
+    # the gateway needs to notice the client leaving after 3 chunks.
+    n = 4
+    body = {"model": "tiny", "prompt": "go", "n": n, "stream": True, **LONG}
+    _vllm_idle(vllm)
+    generated_before = upstream_metric(vllm, "vllm:generation_tokens_total")
+    before = _user_usage(gw)
+    with gw.client(USER_KEY) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        rid = r.headers["x-request-id"]
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen == 3:
+                break
+    line = gw.request_log(rid)
     assert line["status"] == 499 and line["error"] == "client_disconnect"
     assert line["tokens_estimated"] is True
     assert line["completion_tokens"] >= 3
     after = _user_usage(gw)
     assert after["completion_tokens"] - before["completion_tokens"] == line["completion_tokens"]
-    # vLLM stopped generating: idle again, far fewer than 4 x 1000 tokens produced.
-    wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to go idle")
-    assert vllm_metric("vllm:generation_tokens_total") - generated_before < 4000
+    # vLLM stopped generating: idle again, short of the tokens it was asked for.
+    _vllm_idle(vllm)
+    generated = upstream_metric(vllm, "vllm:generation_tokens_total") - generated_before
+    assert generated < n * LONG_TOKENS
 
 
 def test_client_leaving_a_whole_answer_stops_vllm(gw: Gateway, vllm: Upstream) -> None:
     """Not streamed: the client gives up waiting; vLLM stops instead of finishing for nobody."""
-
-    def vllm_metric(name: str) -> float:
-        return upstream_metric(vllm, name)
-
-    body = {"model": "tiny", "prompt": "go", "max_tokens": 1000, "n": 4, **EXACT}
-    # As above: on 2 shared cores vLLM may finish inside the client's second; then try again.
-    for attempt in range(3):
-        wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to be idle")
-        generated_before = vllm_metric("vllm:generation_tokens_total")
-        before = _user_usage(gw)
-        rid = f"whole-answer-left-{attempt}"
-        with gw.client(USER_KEY, timeout=1) as c, contextlib.suppress(httpx.ReadTimeout):
-            c.post("/v1/completions", json=body, headers={"X-Request-ID": rid})
-        line = gw.request_log(rid)
-        if line["status"] != 200:
-            break
+    # The gateway watches a waiting client from 1 s on; the client leaves at 1 s. 8 x 2032
+    # tokens that nothing can end early take many seconds: vLLM is still generating then.
+    n = 8
+    body = {"model": "tiny", "prompt": "go", "n": n, **LONG}
+    _vllm_idle(vllm)
+    generated_before = upstream_metric(vllm, "vllm:generation_tokens_total")
+    before = _user_usage(gw)
+    with gw.client(USER_KEY, timeout=1) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/completions", json=body, headers={"X-Request-ID": "whole-answer-left"})
+    line = gw.request_log("whole-answer-left")
     assert line["status"] == 499 and line["error"] == "client_disconnect"
     assert line["tokens_estimated"] is True and line["completion_tokens"] == 0
     after = _user_usage(gw)
     assert after["requests"] - before["requests"] == 1
     assert after["prompt_tokens"] - before["prompt_tokens"] == line["prompt_tokens"] >= 1
-    wait_for(lambda: vllm_metric("vllm:num_requests_running") == 0, 60, "vLLM to go idle")
-    assert vllm_metric("vllm:generation_tokens_total") - generated_before < 4000
+    _vllm_idle(vllm)
+    generated = upstream_metric(vllm, "vllm:generation_tokens_total") - generated_before
+    assert generated < n * LONG_TOKENS
 
 
 def test_metrics_after_traffic(gw: Gateway, client: openai.OpenAI) -> None:
