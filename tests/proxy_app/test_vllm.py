@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 from proxy_harness import (
     ADMIN_KEY,
@@ -137,21 +139,39 @@ def test_stream_with_include_usage_passes_usage(gw: Gateway, client: openai.Open
     assert spent == last.usage.total_tokens
 
 
-def test_stream_is_passed_chunk_by_chunk(gw: Gateway) -> None:
-    with (
-        gw.client(USER_KEY) as c,
-        c.stream(
-            "POST",
-            "/v1/completions",
-            json={"model": "tiny", "prompt": "a", "max_tokens": 8, "stream": True, **EXACT},
-        ) as r,
-    ):
+def test_stream_is_passed_chunk_by_chunk(gw: Gateway, vllm: Upstream) -> None:
+    """The first token reaches the client while vLLM is still generating the rest."""
+    # 512 tokens that nothing can end early: hundreds of engine steps, far longer than the
+    # first chunk and one read of vLLM's /metrics take.
+    tokens = 512
+    _vllm_idle(vllm)
+    body = {
+        "model": "tiny",
+        "prompt": "go",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        **EXACT,
+    }
+    sent = time.monotonic()
+    with gw.client(USER_KEY) as c, c.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    # One event per token plus [DONE]: the stream was not merged into one blob.
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        events = [next(lines)]
+        first_at = time.monotonic()
+        running_at_first = upstream_metric(vllm, "vllm:num_requests_running")
+        events += list(lines)
+        last_at = time.monotonic()
+    # A gateway that buffered the stream would deliver the first chunk only after vLLM had
+    # finished, at the same moment as the last one.
+    assert running_at_first == 1, "vLLM had already finished when the first chunk arrived"
+    assert first_at - sent < (last_at - sent) / 2, (first_at - sent, last_at - sent)
     assert events[-1] == "data: [DONE]"
-    assert len(events) >= 8
+    usage = orjson.loads(events[-2][6:])["usage"]
+    assert usage["completion_tokens"] == tokens
+    assert len(events) > 2  # tokens came in more than one chunk
 
 
 def test_models_listed_per_key(gw: Gateway, client: openai.OpenAI) -> None:
