@@ -6,7 +6,13 @@ What the tests need on the machine:
   ``<repo>/.venv-vllm/bin/python`` and ``<repo>/.cache/tiny-model`` or through
   ``LLMHOST_VLLM_PYTHON`` and ``LLMHOST_TINY_MODEL``; vLLM is started once per session;
 - ``redis-server`` (Debian package), started on a free port for the shared-limit tests;
-- the gateway itself, installed in the running venv (``pip install -e .``).
+  missing, those tests fail, unless ``LLMHOST_REDIS_OPTIONAL=1`` (``make test-gateway``)
+  makes them skip;
+- the gateway's dependencies in the running venv (``pip install -e .``); the gateway itself
+  is imported from this checkout (see ``proxy_harness.checkout_env``).
+
+Tests that use the ``vllm`` fixture are marked ``vllm``, those that need redis-server
+``redis``: ``pytest tests/proxy_app -m "not vllm"`` runs the ones against the fake upstream.
 
 Everything listens on 127.0.0.1 only.
 """
@@ -35,6 +41,16 @@ from proxy_harness import (
     wait_for,
     wait_http_ok,
 )
+
+# Fixture -> marker: a test is marked by what it starts, so `-m` selects on the real cost.
+_MARKED_FIXTURES = {"vllm": "vllm", "redis_server": "redis", "redis_exe": "redis"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for marker in sorted({m for f, m in _MARKED_FIXTURES.items() if f in names}):
+            item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
@@ -129,16 +145,28 @@ def fake(fake_upstream: Upstream) -> Iterator[Upstream]:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throwaway redis-server on a free port, no persistence."""
+def redis_exe() -> str:
+    """The redis-server binary; missing: fail, or skip where LLMHOST_REDIS_OPTIONAL=1."""
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server)", pytrace=False)
+        why = (
+            "redis-server is not installed: `apt-get install redis-server` as root "
+            "(or `make deps`); the shared-limit tests start their own"
+        )
+        if os.environ.get("LLMHOST_REDIS_OPTIONAL") == "1":
+            pytest.skip(why)
+        pytest.fail(why, pytrace=False)
+    return exe
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_exe: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway redis-server on a free port, no persistence."""
     port = free_port()
     d = tmp_path_factory.mktemp("redis")
     proc = start(
         [
-            exe,
+            redis_exe,
             "--port",
             str(port),
             "--bind",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,11 +106,11 @@ def test_usage_is_in_redis(gateway_factory: GatewayFactory, fake: Upstream, redi
 
 
 def test_redis_gone_is_503_not_unlimited(
-    gateway_factory: GatewayFactory, fake: Upstream, tmp_path: Path
+    gateway_factory: GatewayFactory, fake: Upstream, redis_exe: str, tmp_path: Path
 ) -> None:
     port = free_port()
     own = start(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+        [redis_exe, "--port", str(port),
          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
         tmp_path / "redis.log",
     )  # fmt: skip
