@@ -32,6 +32,16 @@ ADMIN_KEY = "sk-admin-0123456789"
 USER_KEY = "sk-user-0123456789"
 
 
+# A chat completion the test vLLM answers in tens of milliseconds: "tiny", exactly 2 tokens
+# generated (ignore_eos), so that every answer to it costs the same number of tokens.
+TINY_CHAT: dict[str, Any] = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 2,
+    "ignore_eos": True,
+}
+
+
 def default_keys() -> list[dict[str, Any]]:
     """An admin key and a user key with a large quota."""
     return [
@@ -258,6 +268,23 @@ class Gateway:
 
 
 GatewayFactory = Callable[..., Gateway]
+
+
+def total_tokens(r: httpx.Response) -> int:
+    """The tokens an answer cost, as its upstream counted them (prompt and completion)."""
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    return int(usage["total_tokens"])
+
+
+def chat_cost(upstream: Upstream, body: dict[str, Any] = TINY_CHAT) -> int:
+    """What one chat completion costs, asked of the upstream itself (not through a gateway).
+
+    For limits that must sit between one and two answers: the figure is vLLM's own.
+    """
+    with httpx.Client(trust_env=False, timeout=60) as c:
+        return total_tokens(c.post(upstream.url + "/v1/chat/completions", json=body))
 
 
 def keys_with(**limits: Any) -> list[dict[str, Any]]:
