@@ -19,6 +19,7 @@ Everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -203,9 +204,9 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
-@pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
-    """Start gateways with the given upstream, keys and config; all stopped at the end."""
+@contextlib.contextmanager
+def _gateways(base: Path) -> Iterator[GatewayFactory]:
+    """A factory of gateways with their files under ``base``; all stopped on leaving."""
     started: list[Gateway] = []
 
     def make(
@@ -215,7 +216,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
         state_dir: Path | None = None,
         **config: Any,
     ) -> Gateway:
-        d = tmp_path / name
+        d = base / name
         d.mkdir(exist_ok=True)
         port = free_port()
         conf: dict[str, Any] = {
@@ -234,6 +235,25 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
         started.append(gw)
         return gw.start()
 
-    yield make
-    for gw in started:
-        gw.stop()
+    try:
+        yield make
+    finally:
+        for gw in started:
+            gw.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Start gateways with the given upstream, keys and config; all stopped at the end."""
+    with _gateways(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_gateway_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayFactory]:
+    """The same, for gateways shared by the tests of a module (a start costs about a second):
+    only for tests that leave nothing behind that another test reads."""
+    with _gateways(tmp_path_factory.mktemp(request.module.__name__)) as make:
+        yield make

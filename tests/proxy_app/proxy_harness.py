@@ -299,15 +299,23 @@ class MetricMissing(AssertionError):
     """A metric a test reads is not exposed: renamed, or never recorded with these labels."""
 
 
-def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+def metric_value(
+    text: str, name: str, labels: dict[str, str] | None = None, unseen_is_zero: bool = False
+) -> float:
     """The sum of the samples of ``name`` whose labels include ``labels``.
 
     Raises MetricMissing when no sample matches: a renamed metric must fail the test that
-    reads it, not read as zero.
+    reads it, not read as zero. ``unseen_is_zero``: a metric that is declared (``# TYPE``)
+    but has no sample with these labels yet (a counter before its first count) reads 0.
     """
     total: float | None = None
     seen: list[str] = []
+    declared = False
     for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            family = line.split()[2]
+            declared = declared or family == name or name.removeprefix(family) in _SUFFIXES
+            continue
         if line.startswith("#") or not line.startswith(name):
             continue
         head, _, value = line.rpartition(" ")
@@ -322,12 +330,18 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
                 got[k] = v.strip('"')
         if all(got.get(k) == v for k, v in (labels or {}).items()):
             total = (total or 0.0) + float(value)
-    if total is None:
-        if not seen:
-            raise MetricMissing(f"no metric {name!r} in the exposition")
-        shown = "\n  ".join(seen[:20])
-        raise MetricMissing(f"no sample of {name!r} with labels {labels}; there are:\n  {shown}")
-    return total
+    if total is not None:
+        return total
+    if unseen_is_zero and declared:
+        return 0.0
+    if not seen:
+        raise MetricMissing(f"no metric {name!r} in the exposition")
+    shown = "\n  ".join(seen[:20])
+    raise MetricMissing(f"no sample of {name!r} with labels {labels}; there are:\n  {shown}")
+
+
+# Sample names of a family: counters' _total, histograms' and summaries' parts.
+_SUFFIXES = {"_total", "_created", "_count", "_sum", "_bucket"}
 
 
 def upstream_metric(upstream: Upstream, name: str, labels: dict[str, str] | None = None) -> float:

@@ -35,10 +35,11 @@ def gw(gateway_factory: GatewayFactory, vllm: Upstream) -> Gateway:
     return gateway_factory(vllm, keys=_keys("tiny"))
 
 
-@pytest.fixture
-def gw_fake(gateway_factory: GatewayFactory, fake: Upstream) -> Gateway:
-    """The same keys in front of the fake: for requests refused before any upstream."""
-    return gateway_factory(fake, keys=_keys("fake"))
+@pytest.fixture(scope="module")
+def gw_fake(module_gateway_factory: GatewayFactory, fake_upstream: Upstream) -> Gateway:
+    """The same keys in front of the fake, for requests refused before any upstream: one
+    gateway for those tests, which read nothing but their own answers."""
+    return module_gateway_factory(fake_upstream, keys=_keys("fake"))
 
 
 def _chat(gw: Gateway, headers: dict[str, str], body: dict | None = None) -> httpx.Response:

@@ -119,18 +119,25 @@ def test_global_concurrency_limit(gateway_factory: GatewayFactory, fake: Upstrea
         assert "the service" in r.json()["error"]["message"]
 
 
+@pytest.fixture(scope="module")
+def gw_one_slot(module_gateway_factory: GatewayFactory, fake_upstream: Upstream) -> Gateway:
+    """concurrent: 1 and short timeouts, shared by the failure cases: each ends by proving
+    the slot free."""
+    return module_gateway_factory(
+        fake_upstream,
+        keys=keys_with(concurrent=1),
+        timeouts={"connect": 2, "first_byte": 0.5, "read": 0.5, "total": 30},
+    )
+
+
 @pytest.mark.parametrize(
     ("model", "status"),
     [("fake-500", 500), ("fake-hang", 504), ("fake-drop", 200), ("fake-stall", 200)],
 )
 def test_concurrency_slot_released_on_failures(
-    gateway_factory: GatewayFactory, fake: Upstream, model: str, status: int
+    gw_one_slot: Gateway, model: str, status: int
 ) -> None:
-    gw = gateway_factory(
-        fake,
-        keys=keys_with(concurrent=1),
-        timeouts={"connect": 2, "first_byte": 0.5, "read": 0.5, "total": 30},
-    )
+    gw = gw_one_slot
     stream = model in ("fake-drop", "fake-stall")
     with gw.client(USER_KEY) as c:
         r = c.post("/v1/completions", json={"model": model, "prompt": "x", "stream": stream})
