@@ -141,8 +141,7 @@ def test_stream_with_include_usage_passes_usage(gw: Gateway, client: openai.Open
 
 def test_stream_is_passed_chunk_by_chunk(gw: Gateway, vllm: Upstream) -> None:
     """The first token reaches the client while vLLM is still generating the rest."""
-    # 512 tokens that nothing can end early: hundreds of engine steps, far longer than the
-    # first chunk and one read of vLLM's /metrics take.
+    # 512 tokens that nothing can end early: hundreds of engine steps, seconds of streaming.
     tokens = 512
     _vllm_idle(vllm)
     body = {
@@ -160,14 +159,13 @@ def test_stream_is_passed_chunk_by_chunk(gw: Gateway, vllm: Upstream) -> None:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = (line for line in r.iter_lines() if line.startswith("data: "))
         events = [next(lines)]
-        first_at = time.monotonic()
-        running_at_first = upstream_metric(vllm, "vllm:num_requests_running")
+        first_at = time.monotonic() - sent
         events += list(lines)
-        last_at = time.monotonic()
-    # A gateway that buffered the stream would deliver the first chunk only after vLLM had
-    # finished, at the same moment as the last one.
-    assert running_at_first == 1, "vLLM had already finished when the first chunk arrived"
-    assert first_at - sent < (last_at - sent) / 2, (first_at - sent, last_at - sent)
+        last_at = time.monotonic() - sent
+    # A gateway that buffered the stream would deliver the first chunk when vLLM finished,
+    # with the last. (Not vLLM's num_requests_running at the first chunk: under CPU
+    # contention its /metrics answered seconds late, after the generation ended.)
+    assert first_at < last_at / 2, f"first chunk after {first_at:.2f} s, last {last_at:.2f} s"
     assert events[-1] == "data: [DONE]"
     usage = orjson.loads(events[-2][6:])["usage"]
     assert usage["completion_tokens"] == tokens
@@ -223,9 +221,11 @@ def test_usage_is_in_sqlite(gw: Gateway, client: openai.OpenAI) -> None:
 
 
 def test_client_disconnect_stops_vllm_and_charges_tokens(gw: Gateway, vllm: Upstream) -> None:
-    # 4 x 2032 tokens that nothing can end early: seconds of generation, far longer than
-    # the gateway needs to notice the client leaving after 3 chunks.
-    n = 4
+    # 16 x 2032 tokens that nothing can end early: tens of seconds of generation here, far
+    # longer than the gateway needs to notice the client leaving after 3 chunks, and than
+    # vLLM's API process lags behind its own engine on 2 busy cores (with 4 x 2032, the
+    # engine once ran to the end before vLLM acted on the client leaving).
+    n = 16
     body = {"model": "tiny", "prompt": "go", "n": n, "stream": True, **LONG}
     _vllm_idle(vllm)
     generated_before = upstream_metric(vllm, "vllm:generation_tokens_total")
@@ -246,14 +246,14 @@ def test_client_disconnect_stops_vllm_and_charges_tokens(gw: Gateway, vllm: Upst
     # vLLM stopped generating: idle again, short of the tokens it was asked for.
     _vllm_idle(vllm)
     generated = upstream_metric(vllm, "vllm:generation_tokens_total") - generated_before
-    assert generated < n * LONG_TOKENS
+    assert generated < n * LONG_TOKENS, f"vLLM generated all {generated} tokens"
 
 
 def test_client_leaving_a_whole_answer_stops_vllm(gw: Gateway, vllm: Upstream) -> None:
     """Not streamed: the client gives up waiting; vLLM stops instead of finishing for nobody."""
-    # The gateway watches a waiting client from 1 s on; the client leaves at 1 s. 8 x 2032
-    # tokens that nothing can end early take many seconds: vLLM is still generating then.
-    n = 8
+    # The gateway watches a waiting client from 1 s on; the client leaves at 1 s. 16 x 2032
+    # tokens that nothing can end early take tens of seconds: vLLM is still generating then.
+    n = 16
     body = {"model": "tiny", "prompt": "go", "n": n, **LONG}
     _vllm_idle(vllm)
     generated_before = upstream_metric(vllm, "vllm:generation_tokens_total")
@@ -268,7 +268,7 @@ def test_client_leaving_a_whole_answer_stops_vllm(gw: Gateway, vllm: Upstream) -
     assert after["prompt_tokens"] - before["prompt_tokens"] == line["prompt_tokens"] >= 1
     _vllm_idle(vllm)
     generated = upstream_metric(vllm, "vllm:generation_tokens_total") - generated_before
-    assert generated < n * LONG_TOKENS
+    assert generated < n * LONG_TOKENS, f"vLLM generated all {generated} tokens"
 
 
 def test_metrics_after_traffic(gw: Gateway, client: openai.OpenAI) -> None:
