@@ -345,8 +345,11 @@ _SUFFIXES = {"_total", "_created", "_count", "_sum", "_bucket"}
 
 
 def upstream_metric(upstream: Upstream, name: str, labels: dict[str, str] | None = None) -> float:
-    """A metric of the upstream's own /metrics (vLLM's), read straight from it."""
-    with httpx.Client(trust_env=False, timeout=10) as c:
+    """A metric of the upstream's own /metrics (vLLM's), read straight from it.
+
+    vLLM's busy API process can take seconds to answer on 2 shared cores: a long timeout.
+    """
+    with httpx.Client(trust_env=False, timeout=60) as c:
         r = c.get(upstream.url + "/metrics")
         r.raise_for_status()
         return metric_value(r.text, name, labels)
