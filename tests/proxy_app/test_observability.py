@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from proxy_harness import USER_KEY, Gateway, GatewayFactory, Upstream
@@ -11,16 +12,19 @@ CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(scope="module")
-def gw(module_gateway_factory: GatewayFactory, fake_upstream: Upstream) -> Gateway:
-    """One gateway with the default settings, for tests that read only their own requests."""
-    return module_gateway_factory(fake_upstream)
+def gw(
+    module_gateway_factory: GatewayFactory,
+    fake_upstream: Upstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Gateway:
+    """One gateway with the default settings and a request log file, for tests that read
+    only their own requests."""
+    log_file = tmp_path_factory.mktemp("request-log") / "requests.log"
+    return module_gateway_factory(fake_upstream, log_file=str(log_file))
 
 
-def test_one_json_line_per_request_with_the_facts(
-    gateway_factory: GatewayFactory, fake: Upstream, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
-    log_file = tmp_path / "requests.log"
-    gw = gateway_factory(fake, log_file=str(log_file))
+def test_one_json_line_per_request_with_the_facts(gw: Gateway) -> None:
+    log_file = Path(gw.config["log_file"])
     with gw.client(USER_KEY) as c:
         r = c.post("/v1/chat/completions", json=CHAT)
     line = gw.request_log(r.headers["x-request-id"])
