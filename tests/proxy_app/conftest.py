@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from proxy_harness import (
     HERE,
@@ -38,6 +37,7 @@ from proxy_harness import (
     Upstream,
     default_keys,
     free_port,
+    http,
     start,
     wait_for,
     wait_http_ok,
@@ -112,9 +112,9 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     try:
         wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 300, "vLLM")
         # /health can be 200 while inference is broken: prove a real completion works.
-        with httpx.Client(trust_env=False, timeout=60) as c:
+        with http(f"http://127.0.0.1:{port}", timeout=60) as c:
             r = c.post(
-                f"http://127.0.0.1:{port}/v1/completions",
+                "/v1/completions",
                 json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
             )
             assert r.status_code == 200, f"vLLM cannot complete: {r.text}\n{proc.output()}"
@@ -139,10 +139,10 @@ def fake_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream
 @pytest.fixture
 def fake(fake_upstream: Upstream) -> Iterator[Upstream]:
     """The fake upstream, healthy at the start and the end of the test."""
-    with httpx.Client(trust_env=False) as c:
-        c.post(fake_upstream.url + "/_health", content=b"ok")
+    with http(fake_upstream.url) as c:
+        c.post("/_health", content=b"ok")
         yield fake_upstream
-        c.post(fake_upstream.url + "/_health", content=b"ok")
+        c.post("/_health", content=b"ok")
 
 
 @pytest.fixture(scope="session")

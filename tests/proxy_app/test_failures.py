@@ -11,6 +11,7 @@ from proxy_harness import (
     GatewayFactory,
     Upstream,
     free_port,
+    http,
     keys_with,
     metric_value,
     wait_for,
@@ -168,8 +169,8 @@ def test_client_leaving_before_a_whole_answer_stops_upstream(
         keys=keys_with(concurrent=1),
         timeouts={"connect": 2, "first_byte": 60, "read": 60, "total": 120},
     )
-    with httpx.Client(trust_env=False) as c:
-        disconnects = c.get(fake.url + "/_stats").json()["disconnects"]
+    with http(fake.url) as c:
+        disconnects = c.get("/_stats").json()["disconnects"]
     with gw.client(USER_KEY, timeout=1) as c, pytest.raises(httpx.ReadTimeout):
         c.post(
             "/v1/completions",
@@ -184,8 +185,8 @@ def test_client_leaving_before_a_whole_answer_stops_upstream(
     assert line["duration_ms"] < 10_000
 
     def upstream_saw_it() -> bool:
-        with httpx.Client(trust_env=False) as c:
-            return c.get(fake.url + "/_stats").json()["disconnects"] > disconnects
+        with http(fake.url) as c:
+            return c.get("/_stats").json()["disconnects"] > disconnects
 
     wait_for(upstream_saw_it, 10, "the upstream to see the close")
     usage = gw.usage(ADMIN_KEY)["user1"]["total_usage"]

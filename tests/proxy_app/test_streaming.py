@@ -12,6 +12,7 @@ from proxy_harness import (
     Gateway,
     GatewayFactory,
     Upstream,
+    http,
     keys_with,
     metric_value,
     wait_for,
@@ -19,8 +20,8 @@ from proxy_harness import (
 
 
 def _fake_stats(fake: Upstream) -> dict:
-    with httpx.Client(trust_env=False) as c:
-        return c.get(fake.url + "/_stats").json()
+    with http(fake.url) as c:
+        return c.get("/_stats").json()
 
 
 def _events(r: httpx.Response) -> list[str]:

@@ -16,6 +16,7 @@ from proxy_harness import (
     VLLM_MAX_MODEL_LEN,
     Gateway,
     Upstream,
+    http,
     metric_value,
     upstream_metric,
     wait_for,
@@ -55,9 +56,8 @@ def gw(vllm: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
 
 @pytest.fixture
 def client(gw: Gateway) -> Iterator[openai.OpenAI]:
-    http = httpx.Client(trust_env=False)
-    yield openai.OpenAI(base_url=gw.url + "/v1", api_key=USER_KEY, http_client=http, max_retries=0)
-    http.close()
+    with http() as c:
+        yield openai.OpenAI(base_url=gw.url + "/v1", api_key=USER_KEY, http_client=c, max_retries=0)
 
 
 def _user_usage(gw: Gateway) -> dict[str, int]:
