@@ -21,8 +21,8 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down \
-        lint test test-tools test-rules test-proxy test-molecule test-cuda-install check bench \
-        bench-ab clean
+        lint test test-tools test-rules test-gateway test-proxy test-molecule test-cuda-install \
+        check bench bench-ab clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -83,6 +83,11 @@ test-tools: venv ## Unit tests of tools/ and of the roles' plugins (seconds, no 
 test-rules: deps ## Alert rules: promtool check and unit tests
 	promtool check rules roles/prometheus/files/rules/llmhost.rules.yml
 	promtool test rules roles/prometheus/files/rules/tests/*.yml
+
+# A quick loop while working on the gateway: no vLLM, and the Redis tests skip (saying how to
+# install redis-server) where it is missing. test-proxy runs them all, and fails without it.
+test-gateway: venv ## The gateway's tests that need no root, Docker or vLLM: the fake upstream; under a minute
+	LLMHOST_REDIS_OPTIONAL=1 $(VENV)/bin/pytest tests/proxy_app -m "not vllm"
 
 test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 	$(VENV)/bin/pytest tests/proxy_app

@@ -6,13 +6,20 @@ What the tests need on the machine:
   ``<repo>/.venv-vllm/bin/python`` and ``<repo>/.cache/tiny-model`` or through
   ``LLMHOST_VLLM_PYTHON`` and ``LLMHOST_TINY_MODEL``; vLLM is started once per session;
 - ``redis-server`` (Debian package), started on a free port for the shared-limit tests;
-- the gateway itself, installed in the running venv (``pip install -e .``).
+  missing, those tests fail, unless ``LLMHOST_REDIS_OPTIONAL=1`` (``make test-gateway``)
+  makes them skip;
+- the gateway's dependencies in the running venv (``pip install -e .``); the gateway itself
+  is imported from this checkout (see ``proxy_harness.checkout_env``).
+
+Tests that use the ``vllm`` fixture are marked ``vllm``, those that need redis-server
+``redis``: ``pytest tests/proxy_app -m "not vllm"`` runs the ones against the fake upstream.
 
 Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -20,25 +27,41 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from proxy_harness import (
     HERE,
     REPO,
+    VLLM_MAX_MODEL_LEN,
     Gateway,
     GatewayFactory,
     Upstream,
     default_keys,
     free_port,
+    http,
     start,
     wait_for,
     wait_http_ok,
 )
 
+# Fixture -> marker: a test is marked by what it starts, so `-m` selects on the real cost.
+_MARKED_FIXTURES = {"vllm": "vllm", "redis_server": "redis", "redis_exe": "redis"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for marker in sorted({m for f, m in _MARKED_FIXTURES.items() if f in names}):
+            item.add_marker(marker)
+
 
 @pytest.fixture(scope="session")
 def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    """Real vLLM on the CPU serving the tiny model as "tiny" (one per test session)."""
+    """Real vLLM on the CPU serving the tiny model as "tiny" and "other" (one per session).
+
+    Two names of one model: a key limited to "tiny" is refused "other", which vLLM serves.
+    A 2048-token context (the tiny model's own): long ignore_eos generations that last
+    seconds, for the tests of streaming and of clients that leave.
+    """
     python = Path(os.environ.get("LLMHOST_VLLM_PYTHON", REPO / ".venv-vllm/bin/python"))
     model = Path(os.environ.get("LLMHOST_TINY_MODEL", REPO / ".cache/tiny-model"))
     missing = []
@@ -69,6 +92,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
             str(model),
             "--served-model-name",
             "tiny",
+            "other",
             "--host",
             "127.0.0.1",
             "--port",
@@ -77,7 +101,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
             "--kv-cache-memory-bytes",
             "67108864",
             "--max-model-len",
-            "1024",
+            str(VLLM_MAX_MODEL_LEN),
             "--dtype",
             "float32",
         ],
@@ -88,9 +112,9 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     try:
         wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 300, "vLLM")
         # /health can be 200 while inference is broken: prove a real completion works.
-        with httpx.Client(trust_env=False, timeout=60) as c:
+        with http(f"http://127.0.0.1:{port}", timeout=60) as c:
             r = c.post(
-                f"http://127.0.0.1:{port}/v1/completions",
+                "/v1/completions",
                 json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
             )
             assert r.status_code == 200, f"vLLM cannot complete: {r.text}\n{proc.output()}"
@@ -115,23 +139,35 @@ def fake_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream
 @pytest.fixture
 def fake(fake_upstream: Upstream) -> Iterator[Upstream]:
     """The fake upstream, healthy at the start and the end of the test."""
-    with httpx.Client(trust_env=False) as c:
-        c.post(fake_upstream.url + "/_health", content=b"ok")
+    with http(fake_upstream.url) as c:
+        c.post("/_health", content=b"ok")
         yield fake_upstream
-        c.post(fake_upstream.url + "/_health", content=b"ok")
+        c.post("/_health", content=b"ok")
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throwaway redis-server on a free port, no persistence."""
+def redis_exe() -> str:
+    """The redis-server binary; missing: fail, or skip where LLMHOST_REDIS_OPTIONAL=1."""
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server)", pytrace=False)
+        why = (
+            "redis-server is not installed: `apt-get install redis-server` as root "
+            "(or `make deps`); the shared-limit tests start their own"
+        )
+        if os.environ.get("LLMHOST_REDIS_OPTIONAL") == "1":
+            pytest.skip(why)
+        pytest.fail(why, pytrace=False)
+    return exe
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_exe: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway redis-server on a free port, no persistence."""
     port = free_port()
     d = tmp_path_factory.mktemp("redis")
     proc = start(
         [
-            exe,
+            redis_exe,
             "--port",
             str(port),
             "--bind",
@@ -168,9 +204,9 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
-@pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
-    """Start gateways with the given upstream, keys and config; all stopped at the end."""
+@contextlib.contextmanager
+def _gateways(base: Path) -> Iterator[GatewayFactory]:
+    """A factory of gateways with their files under ``base``; all stopped on leaving."""
     started: list[Gateway] = []
 
     def make(
@@ -180,7 +216,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
         state_dir: Path | None = None,
         **config: Any,
     ) -> Gateway:
-        d = tmp_path / name
+        d = base / name
         d.mkdir(exist_ok=True)
         port = free_port()
         conf: dict[str, Any] = {
@@ -199,6 +235,25 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
         started.append(gw)
         return gw.start()
 
-    yield make
-    for gw in started:
-        gw.stop()
+    try:
+        yield make
+    finally:
+        for gw in started:
+            gw.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Start gateways with the given upstream, keys and config; all stopped at the end."""
+    with _gateways(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_gateway_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayFactory]:
+    """The same, for gateways shared by the tests of a module (a start costs about a second):
+    only for tests that leave nothing behind that another test reads."""
+    with _gateways(tmp_path_factory.mktemp(request.module.__name__)) as make:
+        yield make

@@ -25,8 +25,21 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
 
+# The test vLLM's context (--max-model-len): the tiny model's own 2048 positions.
+VLLM_MAX_MODEL_LEN = 2048
+
 ADMIN_KEY = "sk-admin-0123456789"
 USER_KEY = "sk-user-0123456789"
+
+
+# A chat completion the test vLLM answers in tens of milliseconds: "tiny", exactly 2 tokens
+# generated (ignore_eos), so that every answer to it costs the same number of tokens.
+TINY_CHAT: dict[str, Any] = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 2,
+    "ignore_eos": True,
+}
 
 
 def default_keys() -> list[dict[str, Any]]:
@@ -59,10 +72,14 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
 
 
-def http(base_url: str, key: str | None = None, timeout: float = 30.0) -> httpx.Client:
-    """An HTTP client that never goes through a proxy from the environment."""
+def http(base_url: str = "", key: str | None = None, timeout: float = 30.0) -> httpx.Client:
+    """An HTTP client for the tests' loopback servers: never through a proxy from the
+    environment, and plain HTTP, so no TLS set-up (loading the CA bundle cost about 60 ms
+    per client on 2 busy cores, seconds over a run)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=base_url, headers=headers, timeout=timeout, trust_env=False)
+    return httpx.Client(
+        base_url=base_url, headers=headers, timeout=timeout, trust_env=False, verify=False
+    )
 
 
 @dataclass
@@ -126,10 +143,20 @@ def start(
     return Proc(popen, log, group)
 
 
+def checkout_env() -> dict[str, str]:
+    """Environment under which ``python -m proxy_app`` imports this checkout's gateway.
+
+    The venv may hold an editable install of another checkout (a second git worktree, say):
+    the gateway under test must be the one these tests sit next to.
+    """
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
 def wait_http_ok(proc: Proc, url: str, timeout: float, what: str) -> None:
     """Wait until GET ``url`` answers 200; fail at once if the process exits."""
     deadline = time.monotonic() + timeout
-    with httpx.Client(trust_env=False, timeout=2.0) as c:
+    with http(timeout=2.0) as c:
         while time.monotonic() < deadline:
             if not proc.alive:
                 raise RuntimeError(f"{what} exited with {proc.popen.returncode}:\n{proc.output()}")
@@ -198,6 +225,7 @@ class Gateway:
         self.proc = start(
             [sys.executable, "-m", "proxy_app", "--config", str(self.config_path)],
             self.log_path,
+            env=checkout_env(),
         )
         wait_http_ok(self.proc, self.url + "/health", 30, "the gateway")
         return self
@@ -246,6 +274,23 @@ class Gateway:
 GatewayFactory = Callable[..., Gateway]
 
 
+def total_tokens(r: httpx.Response) -> int:
+    """The tokens an answer cost, as its upstream counted them (prompt and completion)."""
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    return int(usage["total_tokens"])
+
+
+def chat_cost(upstream: Upstream, body: dict[str, Any] = TINY_CHAT) -> int:
+    """What one chat completion costs, asked of the upstream itself (not through a gateway).
+
+    For limits that must sit between one and two answers: the figure is vLLM's own.
+    """
+    with http(upstream.url, timeout=60) as c:
+        return total_tokens(c.post("/v1/chat/completions", json=body))
+
+
 def keys_with(**limits: Any) -> list[dict[str, Any]]:
     """The admin key, and the user key with these settings."""
     return [
@@ -254,16 +299,34 @@ def keys_with(**limits: Any) -> list[dict[str, Any]]:
     ]
 
 
-def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """The sum of the samples of ``name`` whose labels include ``labels``; None if none."""
+class MetricMissing(AssertionError):
+    """A metric a test reads is not exposed: renamed, or never recorded with these labels."""
+
+
+def metric_value(
+    text: str, name: str, labels: dict[str, str] | None = None, unseen_is_zero: bool = False
+) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``.
+
+    Raises MetricMissing when no sample matches: a renamed metric must fail the test that
+    reads it, not read as zero. ``unseen_is_zero``: a metric that is declared (``# TYPE``)
+    but has no sample with these labels yet (a counter before its first count) reads 0.
+    """
     total: float | None = None
+    seen: list[str] = []
+    declared = False
     for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            family = line.split()[2]
+            declared = declared or family == name or name.removeprefix(family) in _SUFFIXES
+            continue
         if line.startswith("#") or not line.startswith(name):
             continue
         head, _, value = line.rpartition(" ")
         metric, _, rest = head.partition("{")
         if metric != name:
             continue
+        seen.append(line)
         got = {}
         for part in rest.rstrip("}").split(","):
             if "=" in part:
@@ -271,4 +334,26 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
                 got[k] = v.strip('"')
         if all(got.get(k) == v for k, v in (labels or {}).items()):
             total = (total or 0.0) + float(value)
-    return total
+    if total is not None:
+        return total
+    if unseen_is_zero and declared:
+        return 0.0
+    if not seen:
+        raise MetricMissing(f"no metric {name!r} in the exposition")
+    shown = "\n  ".join(seen[:20])
+    raise MetricMissing(f"no sample of {name!r} with labels {labels}; there are:\n  {shown}")
+
+
+# Sample names of a family: counters' _total, histograms' and summaries' parts.
+_SUFFIXES = {"_total", "_created", "_count", "_sum", "_bucket"}
+
+
+def upstream_metric(upstream: Upstream, name: str, labels: dict[str, str] | None = None) -> float:
+    """A metric of the upstream's own /metrics (vLLM's), read straight from it.
+
+    vLLM's busy API process can take seconds to answer on 2 shared cores: a long timeout.
+    """
+    with http(upstream.url, timeout=60) as c:
+        r = c.get("/metrics")
+        r.raise_for_status()
+        return metric_value(r.text, name, labels)

@@ -1,25 +1,35 @@
-"""Rate limits, concurrency, tokens per minute and quotas (in memory), against the fake."""
+"""Rate limits, concurrency, tokens per minute and quotas (in memory).
+
+Against the real vLLM, with token counts as vLLM gives them. The concurrency tests hold a
+slot with the fake's slow stream (a real stream's length depends on the CPU), and the
+failure cases need the fake's faults.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
 import pytest
 from proxy_harness import (
     ADMIN_KEY,
+    TINY_CHAT,
     USER_KEY,
     Gateway,
     GatewayFactory,
     Upstream,
+    chat_cost,
     keys_with,
     metric_value,
+    total_tokens,
     wait_for,
 )
 
-CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+CHAT = TINY_CHAT
+FAKE_CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def _post(gw: Gateway, body: dict | None = None, key: str = USER_KEY) -> httpx.Response:
@@ -27,15 +37,18 @@ def _post(gw: Gateway, body: dict | None = None, key: str = USER_KEY) -> httpx.R
         return c.post("/v1/chat/completions", json=body or CHAT)
 
 
-def _first_429(gw: Gateway, attempts: int = 60) -> httpx.Response:
-    """Send requests back to back until one is refused (the limit is far below ``attempts``)."""
-    with gw.client(USER_KEY) as c:
-        for _ in range(attempts):
-            r = c.post("/v1/chat/completions", json=CHAT)
-            if r.status_code == 429:
-                return r
-            assert r.status_code == 200, r.text
-    raise AssertionError(f"no 429 after {attempts} requests")
+def _burst(gw: Gateway, n: int, key: str = USER_KEY) -> list[httpx.Response]:
+    """``n`` requests at once: all reach the gateway within far less than a second, however
+    long vLLM takes to answer them."""
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: _post(gw, key=key), range(n)))
+
+
+def _refused_of_burst(gw: Gateway, n: int, admitted: int) -> httpx.Response:
+    """Of ``n`` simultaneous requests exactly ``admitted`` are served; one refusal returned."""
+    answers = _burst(gw, n)
+    assert sorted(r.status_code for r in answers) == [200] * admitted + [429] * (n - admitted)
+    return next(r for r in answers if r.status_code == 429)
 
 
 @contextmanager
@@ -63,9 +76,9 @@ def _assert_rate_limit_error(r: httpx.Response, kind: str) -> None:
     assert r.headers[f"x-ratelimit-reset-{kind}"]
 
 
-def test_key_qps_limit(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw = gateway_factory(fake, keys=keys_with(qps=3))
-    r = _first_429(gw)
+def test_key_qps_limit(gateway_factory: GatewayFactory, vllm: Upstream) -> None:
+    gw = gateway_factory(vllm, keys=keys_with(qps=3))
+    r = _refused_of_burst(gw, 6, admitted=3)
     _assert_rate_limit_error(r, "requests")
     assert r.headers["x-ratelimit-limit-requests"] == "3"
     assert "this API key" in r.json()["error"]["message"]
@@ -76,9 +89,9 @@ def test_key_qps_limit(gateway_factory: GatewayFactory, fake: Upstream) -> None:
     assert line["limit"] == "qps_key" and line["status"] == 429
 
 
-def test_global_qps_limit(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw = gateway_factory(fake, rate_limit={"qps": 3, "concurrent": None, "tokens_per_minute": None})
-    r = _first_429(gw)
+def test_global_qps_limit(gateway_factory: GatewayFactory, vllm: Upstream) -> None:
+    gw = gateway_factory(vllm, rate_limit={"qps": 3, "concurrent": None, "tokens_per_minute": None})
+    r = _refused_of_burst(gw, 6, admitted=3)
     _assert_rate_limit_error(r, "requests")
     assert "the service" in r.json()["error"]["message"]
 
@@ -88,22 +101,33 @@ def test_key_concurrency_limit_and_release_on_success(
 ) -> None:
     gw = gateway_factory(fake, keys=keys_with(concurrent=1))
     with _held_stream(gw):
-        r = _post(gw)
+        r = _post(gw, FAKE_CHAT)
         _assert_rate_limit_error(r, "requests")
         assert r.headers["x-ratelimit-limit-requests"] == "1"
         assert gw.request_log(r.headers["x-request-id"])["limit"] == "concurrency_key"
     # Slot released when the client left; a finished request releases it too.
-    wait_for(lambda: _post(gw).status_code == 200, 10, "the slot to come back")
-    assert _post(gw).status_code == 200
+    wait_for(lambda: _post(gw, FAKE_CHAT).status_code == 200, 10, "the slot to come back")
+    assert _post(gw, FAKE_CHAT).status_code == 200
     assert metric_value(gw.metrics(), "http_active_requests") == 1.0  # the /metrics call itself
 
 
 def test_global_concurrency_limit(gateway_factory: GatewayFactory, fake: Upstream) -> None:
     gw = gateway_factory(fake, rate_limit={"concurrent": 1})
     with _held_stream(gw):
-        r = _post(gw, key=ADMIN_KEY)
+        r = _post(gw, FAKE_CHAT, key=ADMIN_KEY)
         assert r.status_code == 429
         assert "the service" in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def gw_one_slot(module_gateway_factory: GatewayFactory, fake_upstream: Upstream) -> Gateway:
+    """concurrent: 1 and short timeouts, shared by the failure cases: each ends by proving
+    the slot free."""
+    return module_gateway_factory(
+        fake_upstream,
+        keys=keys_with(concurrent=1),
+        timeouts={"connect": 2, "first_byte": 0.5, "read": 0.5, "total": 30},
+    )
 
 
 @pytest.mark.parametrize(
@@ -111,25 +135,21 @@ def test_global_concurrency_limit(gateway_factory: GatewayFactory, fake: Upstrea
     [("fake-500", 500), ("fake-hang", 504), ("fake-drop", 200), ("fake-stall", 200)],
 )
 def test_concurrency_slot_released_on_failures(
-    gateway_factory: GatewayFactory, fake: Upstream, model: str, status: int
+    gw_one_slot: Gateway, model: str, status: int
 ) -> None:
-    gw = gateway_factory(
-        fake,
-        keys=keys_with(concurrent=1),
-        timeouts={"connect": 2, "first_byte": 0.5, "read": 0.5, "total": 30},
-    )
+    gw = gw_one_slot
     stream = model in ("fake-drop", "fake-stall")
     with gw.client(USER_KEY) as c:
         r = c.post("/v1/completions", json={"model": model, "prompt": "x", "stream": stream})
     assert r.status_code == status
     # The failed request must have given its slot back: the next one is served.
-    assert _post(gw).status_code == 200
+    assert _post(gw, FAKE_CHAT).status_code == 200
 
 
-def test_tokens_per_minute(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    # Each fake answer costs 12 tokens: the first passes, then the minute's budget is spent.
-    gw = gateway_factory(fake, keys=keys_with(tokens_per_minute=10))
-    assert _post(gw).status_code == 200
+def test_tokens_per_minute(gateway_factory: GatewayFactory, vllm: Upstream) -> None:
+    # The first answer costs more than the minute's 10 tokens: then the budget is spent.
+    gw = gateway_factory(vllm, keys=keys_with(tokens_per_minute=10))
+    assert total_tokens(_post(gw)) > 10
     r = _post(gw)
     _assert_rate_limit_error(r, "tokens")
     assert r.headers["x-ratelimit-limit-tokens"] == "10"
@@ -137,18 +157,21 @@ def test_tokens_per_minute(gateway_factory: GatewayFactory, fake: Upstream) -> N
     assert gw.request_log(r.headers["x-request-id"])["limit"] == "tpm_key"
 
 
-def test_global_tokens_per_minute(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw = gateway_factory(fake, rate_limit={"tokens_per_minute": 10})
-    assert _post(gw).status_code == 200
+def test_global_tokens_per_minute(gateway_factory: GatewayFactory, vllm: Upstream) -> None:
+    gw = gateway_factory(vllm, rate_limit={"tokens_per_minute": 10})
+    assert total_tokens(_post(gw)) > 10
     r = _post(gw, key=ADMIN_KEY)  # another key: the service's budget is spent all the same
     _assert_rate_limit_error(r, "tokens")
     assert gw.request_log(r.headers["x-request-id"])["limit"] == "tpm_global"
 
 
-def test_quota_exhausted(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw = gateway_factory(fake, keys=keys_with(quota=20))
-    assert _post(gw).status_code == 200  # 12 tokens
-    assert _post(gw).status_code == 200  # 24: over, but it was admitted at 12
+def test_quota_exhausted(gateway_factory: GatewayFactory, vllm: Upstream) -> None:
+    cost = chat_cost(vllm)
+    quota = cost + cost // 2  # room for one answer, not two
+    gw = gateway_factory(vllm, keys=keys_with(quota=quota))
+    spent = total_tokens(_post(gw))  # admitted at 0
+    spent += total_tokens(_post(gw))  # admitted at one answer's cost: over, but admitted
+    assert spent == 2 * cost > quota
     r = _post(gw)
     assert r.status_code == 429
     err = r.json()["error"]
@@ -156,12 +179,12 @@ def test_quota_exhausted(gateway_factory: GatewayFactory, fake: Upstream) -> Non
     assert r.headers["x-should-retry"] == "false"
     assert r.headers["x-ratelimit-remaining-tokens"] == "0"
     usage = gw.usage(ADMIN_KEY)["user1"]
-    assert usage["remaining"] == 0 and usage["period_usage"]["total_tokens"] == 24
+    assert usage["remaining"] == 0 and usage["period_usage"]["total_tokens"] == spent
     assert metric_value(gw.metrics(), "gateway_rejections_total", {"reason": "quota"}) == 1.0
 
 
-def test_monthly_quota_says_when_it_resets(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw = gateway_factory(fake, keys=keys_with(quota=1, quota_period="monthly"))
+def test_monthly_quota_says_when_it_resets(gateway_factory: GatewayFactory, vllm: Upstream) -> None:
+    gw = gateway_factory(vllm, keys=keys_with(quota=1, quota_period="monthly"))
     assert _post(gw).status_code == 200
     r = _post(gw)
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
@@ -178,9 +201,9 @@ def test_key_defaults_apply_to_keys_without_own_limits(
     ]
     gw = gateway_factory(fake, keys=keys, key_defaults={"concurrent": 1})
     with _held_stream(gw):
-        assert _post(gw).status_code == 429
+        assert _post(gw, FAKE_CHAT).status_code == 429
         # The admin entry set its own (unlimited) concurrency: not affected by the default.
-        assert _post(gw, key=ADMIN_KEY).status_code == 200
+        assert _post(gw, FAKE_CHAT, key=ADMIN_KEY).status_code == 200
 
 
 def test_concurrent_burst_never_exceeds_limit(

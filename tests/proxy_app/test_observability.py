@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from proxy_harness import USER_KEY, GatewayFactory, Upstream
+import pytest
+from proxy_harness import USER_KEY, Gateway, GatewayFactory, Upstream
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def test_one_json_line_per_request_with_the_facts(
-    gateway_factory: GatewayFactory, fake: Upstream, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
-    log_file = tmp_path / "requests.log"
-    gw = gateway_factory(fake, log_file=str(log_file))
+@pytest.fixture(scope="module")
+def gw(
+    module_gateway_factory: GatewayFactory,
+    fake_upstream: Upstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Gateway:
+    """One gateway with the default settings and a request log file, for tests that read
+    only their own requests."""
+    log_file = tmp_path_factory.mktemp("request-log") / "requests.log"
+    return module_gateway_factory(fake_upstream, log_file=str(log_file))
+
+
+def test_one_json_line_per_request_with_the_facts(gw: Gateway) -> None:
+    log_file = Path(gw.config["log_file"])
     with gw.client(USER_KEY) as c:
         r = c.post("/v1/chat/completions", json=CHAT)
     line = gw.request_log(r.headers["x-request-id"])
@@ -30,10 +41,10 @@ def test_one_json_line_per_request_with_the_facts(
 
 
 def test_forwarded_for_is_believed_only_from_trusted_proxies(
-    gateway_factory: GatewayFactory, fake: Upstream
+    gw: Gateway, gateway_factory: GatewayFactory, fake: Upstream
 ) -> None:
     xff = {"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}
-    trusting = gateway_factory(fake, name="trusting")  # default: 127.0.0.1 is nginx
+    trusting = gw  # default: 127.0.0.1 is nginx
     distrusting = gateway_factory(fake, name="distrusting", trusted_proxies=["10.0.0.0/8"])
     with trusting.client(USER_KEY) as c:
         r1 = c.post("/v1/chat/completions", json=CHAT, headers=xff)
@@ -43,10 +54,7 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(
     assert distrusting.request_log(r2.headers["x-request-id"])["client_ip"] == "127.0.0.1"
 
 
-def test_metrics_exposes_the_documented_series(
-    gateway_factory: GatewayFactory, fake: Upstream
-) -> None:
-    gw = gateway_factory(fake)
+def test_metrics_exposes_the_documented_series(gw: Gateway) -> None:
     with gw.client(USER_KEY) as c:
         c.post("/v1/chat/completions", json=CHAT)
         c.post("/v1/chat/completions", json={"model": 1})

@@ -1,8 +1,11 @@
-"""Several gateways, one Redis: limits and quotas hold across them (real redis-server)."""
+"""Several gateways, one Redis: limits and quotas hold across them (real redis-server).
+
+Against the real vLLM, with token counts as vLLM gives them; shared concurrency holds a
+slot with the fake's slow stream (a real stream's length depends on the CPU).
+"""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,29 +15,35 @@ import pytest
 import redis
 from proxy_harness import (
     ADMIN_KEY,
+    TINY_CHAT,
     USER_KEY,
     Gateway,
     GatewayFactory,
     Upstream,
+    chat_cost,
     free_port,
     keys_with,
     start,
+    total_tokens,
     wait_for,
 )
 
-CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+CHAT = TINY_CHAT
+FAKE_CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def _pair(factory: GatewayFactory, fake: Upstream, redis_url: str, **limits: object):  # type: ignore[no-untyped-def]
+def _pair(
+    factory: GatewayFactory, upstream: Upstream, redis_url: str, **limits: object
+) -> tuple[Gateway, Gateway]:
     keys = keys_with(**limits)
-    a = factory(fake, keys=keys, name="a", redis_url=redis_url)
-    b = factory(fake, keys=keys, name="b", redis_url=redis_url)
+    a = factory(upstream, keys=keys, name="a", redis_url=redis_url)
+    b = factory(upstream, keys=keys, name="b", redis_url=redis_url)
     return a, b
 
 
-def _post(gw: Gateway) -> httpx.Response:
+def _post(gw: Gateway, body: dict | None = None) -> httpx.Response:
     with gw.client(USER_KEY) as c:
-        return c.post("/v1/chat/completions", json=CHAT)
+        return c.post("/v1/chat/completions", json=body or CHAT)
 
 
 @contextmanager
@@ -55,34 +64,37 @@ def test_concurrency_is_shared(
 ) -> None:
     a, b = _pair(gateway_factory, fake, redis_url, concurrent=1)
     with _held_stream(a):
-        r = _post(b)
+        r = _post(b, FAKE_CHAT)
         assert r.status_code == 429
         assert b.request_log(r.headers["x-request-id"])["limit"] == "concurrency_key"
-    wait_for(lambda: _post(b).status_code == 200, 10, "the slot held through A to come back")
+    wait_for(
+        lambda: _post(b, FAKE_CHAT).status_code == 200, 10, "the slot held through A to come back"
+    )
 
 
 def test_quota_and_usage_are_shared(
-    gateway_factory: GatewayFactory, fake: Upstream, redis_url: str
+    gateway_factory: GatewayFactory, vllm: Upstream, redis_url: str
 ) -> None:
-    a, b = _pair(gateway_factory, fake, redis_url, quota=12)
-    assert _post(a).status_code == 200
+    # A's one answer spends the whole quota: B, another process, refuses the next request.
+    a, b = _pair(gateway_factory, vllm, redis_url, quota=chat_cost(vllm))
+    spent = total_tokens(_post(a))
     r = _post(b)
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
     for gw in (a, b):
-        assert gw.usage(ADMIN_KEY)["user1"]["total_usage"]["total_tokens"] == 12
+        assert gw.usage(ADMIN_KEY)["user1"]["total_usage"]["total_tokens"] == spent
 
 
 def test_tokens_per_minute_are_shared(
-    gateway_factory: GatewayFactory, fake: Upstream, redis_url: str
+    gateway_factory: GatewayFactory, vllm: Upstream, redis_url: str
 ) -> None:
-    a, b = _pair(gateway_factory, fake, redis_url, tokens_per_minute=10)
-    assert _post(a).status_code == 200
+    a, b = _pair(gateway_factory, vllm, redis_url, tokens_per_minute=10)
+    assert total_tokens(_post(a)) > 10
     r = _post(b)
     assert r.status_code == 429 and r.headers["x-ratelimit-limit-tokens"] == "10"
 
 
-def test_qps_is_shared(gateway_factory: GatewayFactory, fake: Upstream, redis_url: str) -> None:
-    a, b = _pair(gateway_factory, fake, redis_url, qps=1)
+def test_qps_is_shared(gateway_factory: GatewayFactory, vllm: Upstream, redis_url: str) -> None:
+    a, b = _pair(gateway_factory, vllm, redis_url, qps=1)
     # One request per second between both: right after A's, B's is refused. (Tried a few
     # times in case a second boundary falls between the two.)
     for _ in range(5):
@@ -94,24 +106,24 @@ def test_qps_is_shared(gateway_factory: GatewayFactory, fake: Upstream, redis_ur
     assert r.headers["x-ratelimit-limit-requests"] == "1"
 
 
-def test_usage_is_in_redis(gateway_factory: GatewayFactory, fake: Upstream, redis_url: str) -> None:
-    a, _ = _pair(gateway_factory, fake, redis_url)
-    assert _post(a).status_code == 200
+def test_usage_is_in_redis(gateway_factory: GatewayFactory, vllm: Upstream, redis_url: str) -> None:
+    a, _ = _pair(gateway_factory, vllm, redis_url)
+    spent = total_tokens(_post(a))
     client = redis.Redis.from_url(redis_url)
     try:
         keys = [k.decode() for k in client.keys("llmhost:usage:*:total")]
         assert len(keys) == 1
-        assert client.hget(keys[0], "tokens") == b"12"
+        assert client.hget(keys[0], "tokens") == str(spent).encode()
     finally:
         client.close()
 
 
 def test_redis_gone_is_503_not_unlimited(
-    gateway_factory: GatewayFactory, fake: Upstream, tmp_path: Path
+    gateway_factory: GatewayFactory, vllm: Upstream, redis_exe: str, tmp_path: Path
 ) -> None:
     port = free_port()
     own = start(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+        [redis_exe, "--port", str(port),
          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
         tmp_path / "redis.log",
     )  # fmt: skip
@@ -119,7 +131,7 @@ def test_redis_gone_is_503_not_unlimited(
         client = redis.Redis(port=port)
         wait_for(client.ping, 20, "redis-server")
         client.close()
-        gw = gateway_factory(fake, redis_url=f"redis://127.0.0.1:{port}/0", keys=keys_with(qps=100))
+        gw = gateway_factory(vllm, redis_url=f"redis://127.0.0.1:{port}/0", keys=keys_with(qps=100))
         assert _post(gw).status_code == 200
     finally:
         own.stop()

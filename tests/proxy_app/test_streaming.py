@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from proxy_harness import (
     ADMIN_KEY,
     USER_KEY,
     Gateway,
     GatewayFactory,
     Upstream,
+    http,
     keys_with,
     metric_value,
     wait_for,
@@ -18,18 +20,27 @@ from proxy_harness import (
 
 
 def _fake_stats(fake: Upstream) -> dict:
-    with httpx.Client(trust_env=False) as c:
-        return c.get(fake.url + "/_stats").json()
+    with http(fake.url) as c:
+        return c.get("/_stats").json()
 
 
 def _events(r: httpx.Response) -> list[str]:
     return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
 
 
-def test_gateway_asks_for_usage_and_hides_it(
-    gateway_factory: GatewayFactory, fake: Upstream
-) -> None:
-    gw = gateway_factory(fake)
+def _user_usage(gw: Gateway) -> dict[str, int]:
+    return gw.usage(ADMIN_KEY)["user1"]["total_usage"]
+
+
+@pytest.fixture(scope="module")
+def gw(module_gateway_factory: GatewayFactory, fake_upstream: Upstream) -> Gateway:
+    """One gateway with the default settings for the tests that read only what their own
+    request did (usage as a difference, logs by request id)."""
+    return module_gateway_factory(fake_upstream)
+
+
+def test_gateway_asks_for_usage_and_hides_it(gw: Gateway, fake: Upstream) -> None:
+    before = _user_usage(gw)
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     with gw.client(USER_KEY) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         events = _events(r)
@@ -40,14 +51,12 @@ def test_gateway_asks_for_usage_and_hides_it(
     chunks = [json.loads(e) for e in events[:-1]]
     assert len(chunks) == 5 and all(ch["choices"] for ch in chunks)
     assert all("usage" not in ch for ch in chunks)
-    usage = gw.usage(ADMIN_KEY)["user1"]["total_usage"]
-    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (7, 5)
+    after = _user_usage(gw)
+    spent = {k: after[k] - before[k] for k in ("prompt_tokens", "completion_tokens")}
+    assert spent == {"prompt_tokens": 7, "completion_tokens": 5}
 
 
-def test_client_that_asked_for_usage_gets_it(
-    gateway_factory: GatewayFactory, fake: Upstream
-) -> None:
-    gw = gateway_factory(fake)
+def test_client_that_asked_for_usage_gets_it(gw: Gateway) -> None:
     body = {
         "model": "fake",
         "prompt": "hi",
@@ -61,10 +70,8 @@ def test_client_that_asked_for_usage_gets_it(
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
 
 
-def test_stream_options_false_is_overridden_upstream_only(
-    gateway_factory: GatewayFactory, fake: Upstream
-) -> None:
-    gw = gateway_factory(fake)
+def test_stream_options_false_is_overridden_upstream_only(gw: Gateway, fake: Upstream) -> None:
+    before = _user_usage(gw)
     body = {
         "model": "fake",
         "prompt": "hi",
@@ -75,7 +82,7 @@ def test_stream_options_false_is_overridden_upstream_only(
         events = _events(r)
     assert _fake_stats(fake)["last_body"]["stream_options"] == {"include_usage": True}
     assert all("usage" not in json.loads(e) for e in events[:-1])
-    assert gw.usage(ADMIN_KEY)["user1"]["total_usage"]["completion_tokens"] == 5
+    assert _user_usage(gw)["completion_tokens"] - before["completion_tokens"] == 5
 
 
 def test_client_disconnect_cancels_upstream_and_charges_estimate(
@@ -110,10 +117,8 @@ def test_client_disconnect_cancels_upstream_and_charges_estimate(
     assert metric_value(gw.metrics(), "gateway_client_disconnects_total") == 1.0
 
 
-def test_upstream_drop_mid_stream_ends_with_error_event(
-    gateway_factory: GatewayFactory, fake: Upstream
-) -> None:
-    gw = gateway_factory(fake)
+def test_upstream_drop_mid_stream_ends_with_error_event(gw: Gateway) -> None:
+    before = _user_usage(gw)
     body = {"model": "fake-drop", "prompt": "x", "stream": True}
     with gw.client(USER_KEY) as c, c.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -124,7 +129,7 @@ def test_upstream_drop_mid_stream_ends_with_error_event(
     assert err["code"] == "upstream_error" and err["type"] == "server_error"
     line = gw.request_log(rid)
     assert line["completion_tokens"] == 3 and line["tokens_estimated"] is True
-    assert gw.usage(ADMIN_KEY)["user1"]["total_usage"]["completion_tokens"] == 3
+    assert _user_usage(gw)["completion_tokens"] - before["completion_tokens"] == 3
 
 
 def test_upstream_stall_mid_stream_times_out(
@@ -138,8 +143,7 @@ def test_upstream_stall_mid_stream_times_out(
     assert len(events) == 3
 
 
-def test_request_id_goes_to_vllm_and_back(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw: Gateway = gateway_factory(fake)
+def test_request_id_goes_to_vllm_and_back(gw: Gateway, fake: Upstream) -> None:
     with gw.client(USER_KEY) as c:
         r = c.post(
             "/v1/completions",
