@@ -137,12 +137,14 @@ def test_unknown_paths_are_404_and_vllm_internals_unreachable(gw: Gateway) -> No
             ("POST", "/v1/chat/completions/x"),
             ("GET", "/docs"),
             ("GET", "/openapi.json"),
-            ("GET", "/admin/nope"),
         ]:
             r = c.request(method, path)
             assert r.status_code == 404, path
             assert _error(r)["code"] == "unknown_url"
+        # Under /admin/ a key that is not an admin's learns nothing of which paths exist.
+        admin = c.get("/admin/nope")
         wrong = c.get("/v1/chat/completions")
+    assert admin.status_code == 403 and _error(admin)["code"] == "admin_required"
     assert wrong.status_code == 405
     # Unknown paths share one metrics label: label values stay bounded.
     text = gw.metrics()

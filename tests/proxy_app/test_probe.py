@@ -19,6 +19,7 @@ from proxy_harness import (
     Gateway,
     GatewayFactory,
     Upstream,
+    http,
     keys_with,
     metric_value,
     wait_for,
@@ -35,7 +36,7 @@ def _error(r: httpx.Response) -> dict:
 
 
 def _fake_stats(fake: Upstream) -> dict:
-    with httpx.Client(trust_env=False) as c:
+    with http() as c:
         return c.get(fake.url + "/_stats").json()
 
 
@@ -56,7 +57,7 @@ def gw(gateway_factory: GatewayFactory, fake: Upstream) -> Gateway:
 @pytest.fixture
 def models_body(fake: Upstream) -> Iterator[None]:
     yield
-    with httpx.Client(trust_env=False) as c:
+    with http() as c:
         c.post(fake.url + "/_models", content=b"")
 
 
@@ -70,7 +71,7 @@ def models_body(fake: Upstream) -> Iterator[None]:
 def test_a_malformed_model_list_from_vllm_is_502(
     gw: Gateway, fake: Upstream, listing: bytes, key: str
 ) -> None:
-    with httpx.Client(trust_env=False) as c:
+    with http() as c:
         c.post(fake.url + "/_models", content=listing)
     with gw.client(key) as c:
         r = c.get("/v1/models")
@@ -205,7 +206,7 @@ def test_admin_paths_never_redirect(gw: Gateway, path: str) -> None:
 def test_two_authorization_headers_are_refused(gw: Gateway, method: str, path: str) -> None:
     headers = [("authorization", f"Bearer {USER_KEY}"), ("authorization", f"Bearer {ADMIN_KEY}")]
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
-    with httpx.Client(base_url=gw.url, trust_env=False) as c:
+    with http(gw.url) as c:
         r = c.request(method, path, headers=headers, json=body if method == "POST" else None)
     assert r.status_code == 400
     assert _error(r)["code"] == "duplicate_header"
