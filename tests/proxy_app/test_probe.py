@@ -40,8 +40,10 @@ def _fake_stats(fake: Upstream) -> dict:
         return c.get(fake.url + "/_stats").json()
 
 
-@pytest.fixture
-def gw(gateway_factory: GatewayFactory, fake: Upstream) -> Gateway:
+@pytest.fixture(scope="module")
+def gw(module_gateway_factory: GatewayFactory, fake_upstream: Upstream) -> Gateway:
+    """One gateway for the module: each test reads only its own requests, or counts before
+    and after."""
     keys = [
         {"key": ADMIN_KEY, "user": "admin", "admin": True},
         {"key": USER_KEY, "user": "user1", "concurrent": 1},
@@ -49,9 +51,15 @@ def gw(gateway_factory: GatewayFactory, fake: Upstream) -> Gateway:
     ]
     # A first-byte timeout far beyond the tests' waits: what frees a slot must be the
     # client leaving, not the timeout.
-    return gateway_factory(
-        fake, keys=keys, timeouts={"connect": 2, "first_byte": 120, "read": 120, "total": 300}
+    return module_gateway_factory(
+        fake_upstream,
+        keys=keys,
+        timeouts={"connect": 2, "first_byte": 120, "read": 120, "total": 300},
     )
+
+
+def _count(gw: Gateway, name: str, labels: dict[str, str]) -> float:
+    return metric_value(gw.metrics(), name, labels, unseen_is_zero=True)
 
 
 @pytest.fixture
@@ -85,6 +93,7 @@ def test_a_streamed_client_leaving_before_the_headers_frees_its_slot(
 ) -> None:
     """The key allows one request at a time: the second gets in once the first client left."""
     disconnects = _fake_stats(fake)["disconnects"]
+    estimated = _count(gw, "gateway_usage_estimated_total", {"reason": "client_disconnect"})
     body = {"model": "fake-hang", "prompt": "x", "stream": True}
     with gw.client(USER_KEY, timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
         c.post("/v1/completions", json=body, headers={"X-Request-ID": "left-early"})
@@ -96,12 +105,14 @@ def test_a_streamed_client_leaving_before_the_headers_frees_its_slot(
     with gw.client(USER_KEY) as c:
         r = c.post("/v1/completions", json={"model": "fake", "prompt": "x"})
     assert r.status_code == 200, r.text
-    text = gw.metrics()
-    assert metric_value(text, "gateway_usage_estimated_total", {"reason": "client_disconnect"}) == 1
+    after = _count(gw, "gateway_usage_estimated_total", {"reason": "client_disconnect"})
+    assert after == estimated + 1
 
 
 @pytest.mark.parametrize("model", ["fake-nousage", "fake-notjson"])
 def test_an_answer_without_usage_is_charged_an_estimate(gw: Gateway, model: str) -> None:
+    before = gw.usage(ADMIN_KEY)["user1"]["total_usage"]
+    estimated = _count(gw, "gateway_usage_estimated_total", {"reason": "usage_missing"})
     with gw.client(USER_KEY) as c:
         r = c.post(
             "/v1/completions",
@@ -113,10 +124,10 @@ def test_an_answer_without_usage_is_charged_an_estimate(gw: Gateway, model: str)
     assert line["tokens_estimated"] is True
     assert line["prompt_tokens"] >= 100 and line["completion_tokens"] >= 1
     usage = gw.usage(ADMIN_KEY)["user1"]["total_usage"]
-    assert usage["prompt_tokens"] == line["prompt_tokens"]
-    assert usage["completion_tokens"] == line["completion_tokens"]
-    text = gw.metrics()
-    assert metric_value(text, "gateway_usage_estimated_total", {"reason": "usage_missing"}) == 1
+    assert usage["prompt_tokens"] - before["prompt_tokens"] == line["prompt_tokens"]
+    assert usage["completion_tokens"] - before["completion_tokens"] == line["completion_tokens"]
+    after = _count(gw, "gateway_usage_estimated_total", {"reason": "usage_missing"})
+    assert after == estimated + 1
 
 
 def _raw(gw: Gateway, data: bytes) -> bytes:
@@ -219,14 +230,15 @@ def test_two_authorization_headers_are_refused(gw: Gateway, method: str, path: s
 def test_admin_errors_are_logged_and_counted(
     gw: Gateway, path: str, status: int, error: str | None
 ) -> None:
+    label = error or "bad_request"
+    errors = _count(gw, "http_errors_total", {"type": label})
     with gw.client(ADMIN_KEY) as c:
         r = c.get(path, headers={"X-Request-ID": f"admin-err-{status}"})
     assert r.status_code == status
     _error(r)
     line = gw.request_log(f"admin-err-{status}")
-    label = error or "bad_request"
     assert line["error"] == label and line["user"] == "admin"
-    assert metric_value(gw.metrics(), "http_errors_total", {"type": label}) == 1
+    assert _count(gw, "http_errors_total", {"type": label}) == errors + 1
 
 
 def _reload(gw: Gateway) -> httpx.Response:
@@ -253,12 +265,17 @@ def _reload(gw: Gateway) -> httpx.Response:
 def test_keys_files_that_would_lock_out_or_mislead_are_refused(
     gw: Gateway, content: str, expected: str
 ) -> None:
-    gw.write_keys(content)
-    r = _reload(gw)
-    assert r.status_code == 422
-    assert expected in _error(r)["message"]
-    with gw.client(USER_KEY) as c:
-        assert c.post("/v1/completions", json={"model": "fake", "prompt": "x"}).status_code == 200
+    good = gw.keys_path.read_text()
+    try:
+        gw.write_keys(content)
+        r = _reload(gw)
+        assert r.status_code == 422
+        assert expected in _error(r)["message"]
+        with gw.client(USER_KEY) as c:
+            ok = c.post("/v1/completions", json={"model": "fake", "prompt": "x"})
+        assert ok.status_code == 200
+    finally:
+        gw.write_keys(good)
 
 
 def test_a_keys_file_over_the_size_limit_is_refused(
