@@ -121,10 +121,8 @@ def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
     return ParsedRequest(body, model, True, wants_usage, obj)
 
 
-def upstream_api_error(e: UpstreamError | ApiError) -> ApiError:
+def upstream_api_error(e: UpstreamError) -> ApiError:
     """The client-facing error for a failure to talk to vLLM."""
-    if isinstance(e, ApiError):
-        return e
     if isinstance(e, UpstreamUnavailable):
         return unavailable(f"The model server is not reachable: {e.message}.")
     if isinstance(e, UpstreamTimeout):
@@ -276,7 +274,7 @@ class Proxy:
             tokens = relay.tokens(req.prompt_estimate())
             if tokens.estimated:
                 self._estimated(outcome, watch.gone, stopping)
-            problem: UpstreamError | ApiError | None = failure
+            problem = upstream_api_error(failure) if failure is not None else None
             try:
                 await self._charge(key, outcome, tokens)
             except ApiError as e:
@@ -286,7 +284,7 @@ class Proxy:
             if watch.gone:
                 outcome.client_left()
             elif problem is not None:
-                await relay.end_with_error(upstream_api_error(problem))
+                await relay.end_with_error(problem)
             else:
                 await relay.end()
             return
