@@ -58,6 +58,15 @@ async def _json(send, status: int, obj: object, ctype: bytes = b"application/jso
     await send({"type": "http.response.body", "body": body})
 
 
+async def _read_body(receive) -> bytes:
+    body = b""
+    while True:
+        m = await receive()
+        body += m.get("body", b"")
+        if not m.get("more_body"):
+            return body
+
+
 async def app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -72,12 +81,7 @@ async def app(scope, receive, send) -> None:
         await _json(send, 200, STATS)
         return
     if path == "/_health":
-        body = b""
-        while True:
-            m = await receive()
-            body += m.get("body", b"")
-            if not m.get("more_body"):
-                break
+        body = await _read_body(receive)
         STATS["health"] = body.decode()
         await _json(send, 200, {"health": STATS["health"]})
         return
@@ -89,12 +93,7 @@ async def app(scope, receive, send) -> None:
         return
     if path == "/_models":
         # The raw body /v1/models answers from now on; empty: the normal list again.
-        body = b""
-        while True:
-            m = await receive()
-            body += m.get("body", b"")
-            if not m.get("more_body"):
-                break
+        body = await _read_body(receive)
         STATS["models_body"] = body.decode()
         await _json(send, 200, {"models_body": STATS["models_body"]})
         return
@@ -105,12 +104,7 @@ async def app(scope, receive, send) -> None:
         data = [{"id": m, "object": "model", "owned_by": "fake"} for m in ("fake", "other")]
         await _json(send, 200, {"object": "list", "data": data})
         return
-    body = b""
-    while True:
-        m = await receive()
-        body += m.get("body", b"")
-        if not m.get("more_body"):
-            break
+    body = await _read_body(receive)
     STATS["requests"] = int(STATS["requests"]) + 1  # type: ignore[call-overload]
     req = json.loads(body)
     STATS["last_body"] = req

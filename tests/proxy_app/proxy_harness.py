@@ -357,3 +357,14 @@ def upstream_metric(upstream: Upstream, name: str, labels: dict[str, str] | None
         r = c.get("/metrics")
         r.raise_for_status()
         return metric_value(r.text, name, labels)
+
+
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+def openai_error(r: httpx.Response) -> dict[str, Any]:
+    """The ``error`` object of an answer, checked to be JSON in OpenAI's shape."""
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    err = r.json()["error"]
+    assert set(err) == ERROR_FIELDS
+    return err

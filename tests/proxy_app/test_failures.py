@@ -14,17 +14,9 @@ from proxy_harness import (
     http,
     keys_with,
     metric_value,
+    openai_error,
     wait_for,
 )
-
-ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-def _error(r: httpx.Response) -> dict:
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert set(err) == ERROR_FIELDS
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def test_vllm_down_is_503_quickly(gateway_factory: GatewayFactory) -> None:
         r = c.post("/v1/chat/completions", json={"model": "m", "messages": []})
         ready = c.get("/ready")
     assert r.status_code == 503
-    assert _error(r)["code"] == "upstream_unavailable"
+    assert openai_error(r)["code"] == "upstream_unavailable"
     assert ready.status_code == 503
     assert metric_value(gw.metrics(), "upstream_up") == 0.0
 
@@ -55,7 +47,7 @@ def test_vllm_hanging_is_504(gw: Gateway) -> None:
     with gw.client(USER_KEY, timeout=10) as c:
         r = c.post("/v1/completions", json={"model": "fake-hang", "prompt": "x"})
     assert r.status_code == 504
-    assert _error(r)["code"] == "upstream_timeout"
+    assert openai_error(r)["code"] == "upstream_timeout"
     assert metric_value(gw.metrics(), "http_errors_total", timeouts) == before + 1
 
 
@@ -63,14 +55,14 @@ def test_vllm_dropping_the_connection_is_502(gw: Gateway) -> None:
     with gw.client(USER_KEY) as c:
         r = c.post("/v1/completions", json={"model": "fake-drop", "prompt": "x"})
     assert r.status_code == 502
-    assert _error(r)["code"] == "upstream_error"
+    assert openai_error(r)["code"] == "upstream_error"
 
 
 def test_vllm_500_is_passed_in_openai_shape(gw: Gateway) -> None:
     with gw.client(USER_KEY) as c:
         r = c.post("/v1/completions", json={"model": "fake-500", "prompt": "x"})
     assert r.status_code == 500
-    err = _error(r)
+    err = openai_error(r)
     assert err["type"] == "server_error" and "boom" in err["message"]
 
 
@@ -91,7 +83,7 @@ def test_body_too_large_is_413(gw: Gateway) -> None:
             content=iter([b'{"model": "fake", "prompt": "', b"x" * 5000, b'"}']),
             headers={"content-type": "application/json"},
         )
-    assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
+    assert r.status_code == 413 and openai_error(r)["code"] == "request_too_large"
     assert r2.status_code == 413
 
 
@@ -120,7 +112,7 @@ def test_malformed_requests_are_400_naming_the_field(
             "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
         )
     assert r.status_code == 400
-    err = _error(r)
+    err = openai_error(r)
     assert err["type"] == "invalid_request_error"
     assert err["param"] == param
     if param:
@@ -140,11 +132,11 @@ def test_unknown_paths_are_404_and_vllm_internals_unreachable(gw: Gateway) -> No
         ]:
             r = c.request(method, path)
             assert r.status_code == 404, path
-            assert _error(r)["code"] == "unknown_url"
+            assert openai_error(r)["code"] == "unknown_url"
         # Under /admin/ a key that is not an admin's learns nothing of which paths exist.
         admin = c.get("/admin/nope")
         wrong = c.get("/v1/chat/completions")
-    assert admin.status_code == 403 and _error(admin)["code"] == "admin_required"
+    assert admin.status_code == 403 and openai_error(admin)["code"] == "admin_required"
     assert wrong.status_code == 405
     # Unknown paths share one metrics label: label values stay bounded.
     text = gw.metrics()

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from proxy_harness import (
     ADMIN_KEY,
+    ERROR_FIELDS,
     USER_KEY,
     Gateway,
     GatewayFactory,
@@ -22,17 +23,9 @@ from proxy_harness import (
     http,
     keys_with,
     metric_value,
+    openai_error,
     wait_for,
 )
-
-ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-def _error(r: httpx.Response) -> dict:
-    assert r.headers["content-type"].startswith("application/json"), r.text
-    err = r.json()["error"]
-    assert set(err) == ERROR_FIELDS
-    return err
 
 
 def _fake_stats(fake: Upstream) -> dict:
@@ -84,7 +77,7 @@ def test_a_malformed_model_list_from_vllm_is_502(
     with gw.client(key) as c:
         r = c.get("/v1/models")
     assert r.status_code == 502
-    assert _error(r)["code"] == "upstream_error"
+    assert openai_error(r)["code"] == "upstream_error"
     assert not any(rec.get("event") == "unhandled_error" for rec in gw.logs())
 
 
@@ -198,7 +191,7 @@ def test_405_says_which_methods_are_allowed(
     with gw.client(ADMIN_KEY) as c:
         r = c.request(method, path)
     assert r.status_code == 405
-    assert _error(r)["code"] == "method_not_allowed"
+    assert openai_error(r)["code"] == "method_not_allowed"
     assert r.headers["allow"] == allow
 
 
@@ -208,7 +201,7 @@ def test_admin_paths_never_redirect(gw: Gateway, path: str) -> None:
         r = c.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
     assert r.status_code == 404
     assert "location" not in r.headers
-    assert _error(r)["code"] == "unknown_url"
+    assert openai_error(r)["code"] == "unknown_url"
 
 
 @pytest.mark.parametrize(
@@ -220,7 +213,7 @@ def test_two_authorization_headers_are_refused(gw: Gateway, method: str, path: s
     with http(gw.url) as c:
         r = c.request(method, path, headers=headers, json=body if method == "POST" else None)
     assert r.status_code == 400
-    assert _error(r)["code"] == "duplicate_header"
+    assert openai_error(r)["code"] == "duplicate_header"
 
 
 @pytest.mark.parametrize(
@@ -235,7 +228,7 @@ def test_admin_errors_are_logged_and_counted(
     with gw.client(ADMIN_KEY) as c:
         r = c.get(path, headers={"X-Request-ID": f"admin-err-{status}"})
     assert r.status_code == status
-    _error(r)
+    openai_error(r)
     line = gw.request_log(f"admin-err-{status}")
     assert line["error"] == label and line["user"] == "admin"
     assert _count(gw, "http_errors_total", {"type": label}) == errors + 1
@@ -270,7 +263,7 @@ def test_keys_files_that_would_lock_out_or_mislead_are_refused(
         gw.write_keys(content)
         r = _reload(gw)
         assert r.status_code == 422
-        assert expected in _error(r)["message"]
+        assert expected in openai_error(r)["message"]
         with gw.client(USER_KEY) as c:
             ok = c.post("/v1/completions", json={"model": "fake", "prompt": "x"})
         assert ok.status_code == 200
@@ -286,6 +279,6 @@ def test_a_keys_file_over_the_size_limit_is_refused(
     gw.write_keys([*keys_with(), *many])
     r = _reload(gw)
     assert r.status_code == 422
-    assert "keys_file_max_bytes" in _error(r)["message"]
+    assert "keys_file_max_bytes" in openai_error(r)["message"]
     with gw.client(USER_KEY) as c:
         assert c.post("/v1/completions", json={"model": "fake", "prompt": "x"}).status_code == 200
