@@ -92,7 +92,7 @@ test-gateway: venv ## The gateway's tests that need no root, Docker or vLLM: the
 test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 	$(VENV)/bin/pytest tests/proxy_app
 
-test-molecule: setup ## The Molecule scenarios of make test: $(SCENARIOS) (real systemd hosts)
+test-molecule: setup ## The Molecule scenarios of make test, nginx and stack (real systemd hosts)
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
 
 # Opt-in, not part of `make test` (about 9 minutes and a 4 GB download): the CUDA build of
