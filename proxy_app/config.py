@@ -63,7 +63,7 @@ class Config(_Strict):
     keep_alive_timeout: Seconds = 75.0
     api_keys_file: Path
     # A larger keys file is refused: reading one takes memory and time in proportion
-    # (a 47 MiB file took 1.2 GB and seconds to validate). 4 MiB holds about 25,000 keys.
+    # (a 47 MiB file took 1.2 GB and seconds to validate, reported by the probe).
     keys_file_max_bytes: PositiveInt = 4 * 1024 * 1024
     rate_limit: RateLimit = RateLimit()
     key_defaults: KeyDefaults = KeyDefaults()
