@@ -56,7 +56,7 @@ $(TINY_MODEL)/config.json: tools/make_tiny_model.py
 
 tiny-model: $(TINY_MODEL)/config.json ## A tiny random-weight model vLLM serves on the CPU
 
-testbed: ## Docker engine and the local systemd host image
+testbed: ## Docker engine, the local systemd host image (with sshd) and its SSH key
 	tools/testbed up
 
 setup: deps venv wheelhouse vllm-env tiny-model testbed ## Everything the demo and the tests need
@@ -92,8 +92,11 @@ test-gateway: venv ## The gateway's tests that need no root, Docker or vLLM: the
 test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 	$(VENV)/bin/pytest tests/proxy_app
 
-test-molecule: setup ## The Molecule scenarios of make test, nginx and stack (real systemd hosts)
+# The stack scenario times a re-run of site.yml (molecule/stack/rerun.json); the README's
+# re-run figure is then rendered from it, as `make bench` does for the benchmark.
+test-molecule: setup ## The Molecule scenarios of make test, nginx and stack (real systemd hosts, reached over SSH)
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
+	$(VENV)/bin/python tools/readme_figures.py
 
 # Opt-in, not part of `make test` (about 9 minutes and a 4 GB download): the CUDA build of
 # vLLM, at the version the vllm role pins for GPU hosts, installed by the role from a

@@ -1,7 +1,7 @@
 """Read-only checks of deployed hosts: `make check INVENTORY=inventories/<env>`.
 
 Runs the testinfra host checks of tests/hosts/ over an inventory, connecting
-the way the inventory says (SSH, become, or Docker for the test hosts), then
+the way the inventory says (SSH and become, the test hosts too), then
 prints a table per host. Nothing on the hosts is changed: the checks only
 read, and commands that would write are refused (see tests/hosts/conftest.py).
 Exit status: 0 when every check passed, 1 otherwise.

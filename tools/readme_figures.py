@@ -3,10 +3,12 @@
     python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
     python tools/readme_figures.py --check   fail when any of them differs (make lint)
 
-Two blocks of README.md, each between its marker comments:
+Three blocks of README.md, each between its marker comments:
 
 - ``bench``: the benchmark table and its sentences, from bench/results.json (written by
   bench/run.py);
+- ``rerun``: how long a re-run of site.yml with nothing to change took, from
+  molecule/stack/rerun.json (written by molecule/stack/tests/test_rerun.py);
 - ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
   rule's `for:`, its threshold and range window are read from the rule; the wording of a row
   is in ALERTS below, with those values as placeholders.
@@ -140,6 +142,23 @@ def render_bench(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_rerun(data: dict) -> str:
+    """The README's re-run sentence from molecule/stack/rerun.json."""
+    run = data["run"]
+    connection = "SSH" if run["connection"] == "ssh" else f"the `{run['connection']}` connection"
+    hosts = "; ".join(
+        f"`{name}`: ok={c['ok']}, skipped={c['skipped']}, changed={c['changed']}"
+        for name, c in sorted(data["hosts"].items())
+    )
+    text = (
+        f"A re-run of `{data['playbook']}` with nothing to change took **{data['seconds']:.0f} s** "
+        f"over {connection} ({hosts}; `molecule/stack/tests/test_rerun.py`, run "
+        f"{run['time_utc'][:10]} on {run['cpus']} CPUs, load average "
+        f"{run['load_average_start']:.1f} at its start; figures from `molecule/stack/rerun.json`)."
+    )
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n"
+
+
 def _rule_values(rule: dict) -> dict[str, str]:
     expr = " ".join(str(rule["expr"]).split())
     values = {"for": _duration(str(rule.get("for", "0s")))}
@@ -226,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results.json")
     parser.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md")
     parser.add_argument("--bench", type=Path, default=REPO / "bench" / "run.py")
+    parser.add_argument("--rerun", type=Path, default=REPO / "molecule" / "stack" / "rerun.json")
     parser.add_argument(
         "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
     )
@@ -237,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = replace_block(
             wanted, "alerts", render_alerts(yaml.safe_load(args.rules.read_text()))
         )
+        wanted = replace_block(wanted, "rerun", render_rerun(json.loads(args.rerun.read_text())))
         results_md = _bench_module(args.bench).render_results(data)
     except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)
@@ -252,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         old = path.read_text() if path.exists() else ""
         print(_diff(path, old, new), file=sys.stderr, end="")
         print(
-            f"{path} differs from what tools/readme_figures.py renders from {args.results.name} "
-            f"and {args.rules.name}: do not edit it by hand; run `python "
-            "tools/readme_figures.py` (after `make bench`, or after changing the rules or "
-            "the wording in tools/readme_figures.py)",
+            f"{path} differs from what tools/readme_figures.py renders from {args.results.name}, "
+            f"{args.rules.name} and {args.rerun.name}: do not edit it by hand; run `python "
+            "tools/readme_figures.py` (after `make bench`, a run of the stack scenario, or "
+            "after changing the rules or the wording in tools/readme_figures.py)",
             file=sys.stderr,
         )
     return 1 if drift else 0

@@ -1,4 +1,5 @@
-"""tools/readme_figures.py: README blocks rendered from bench/results.json and the alert rules."""
+"""tools/readme_figures.py: README blocks rendered from bench/results.json, the alert rules
+and the stack scenario's timed re-run (molecule/stack/rerun.json)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,21 @@ RESULTS = {
     },
 }
 
+RERUN = {
+    "run": {
+        "time_utc": "2030-01-02T03:04+00:00",
+        "cpus": 4,
+        "load_average_start": 0.42,
+        "connection": "ssh",
+    },
+    "playbook": "site.yml",
+    "seconds": 37.46,
+    "hosts": {
+        "stack": {"ok": 120, "changed": 0, "unreachable": 0, "failed": 0, "skipped": 40},
+        "probe": {"ok": 60, "changed": 0, "unreachable": 0, "failed": 0, "skipped": 9},
+    },
+}
+
 README = """# project
 
 Prose before.
@@ -63,6 +79,10 @@ Prose between.
 <!-- alerts:end -->
 
 Prose after.
+
+<!-- rerun:begin: generated -->
+A re-run took 99 s.
+<!-- rerun:end -->
 """
 
 
@@ -73,9 +93,11 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "results": tmp_path / "results.json",
         "results-md": tmp_path / "RESULTS.md",
         "rules": tmp_path / "rules.yml",
+        "rerun": tmp_path / "rerun.json",
     }
     paths["readme"].write_text(README)
     paths["results"].write_text(json.dumps(RESULTS))
+    paths["rerun"].write_text(json.dumps(RERUN))
     paths["rules"].write_text(RULES.read_text())
     return paths
 
@@ -105,6 +127,12 @@ def test_the_blocks_are_rendered_from_the_json_and_the_rules_and_nothing_else(so
     for kept in ("Prose before.", "Prose between.", "Prose after."):
         assert kept in readme
     assert "Run 2030-01-02 03:04 UTC on fixture: 4 CPUs" in sources["results-md"].read_text()
+    assert (
+        "A re-run of `site.yml` with nothing to change took **37 s** over SSH (`probe`: ok=60, "
+        "skipped=9, changed=0; `stack`: ok=120, skipped=40, changed=0;" in prose
+    )
+    assert "run 2030-01-02 on 4 CPUs, load average 0.4 at its start" in prose
+    assert "99 s" not in readme
 
     assert tool(sources, "--check").returncode == 0
 
@@ -144,3 +172,13 @@ def test_an_alert_without_readme_wording_is_refused_by_name(sources):
 
     assert check.returncode == 2
     assert "alert BrandNewAlert has no README row" in check.stderr
+
+
+def test_check_fails_when_a_new_rerun_was_recorded_and_not_rendered(sources):
+    tool(sources)
+    sources["rerun"].write_text(json.dumps({**RERUN, "seconds": 52.0}))
+
+    check = tool(sources, "--check")
+
+    assert check.returncode == 1
+    assert "+A re-run of `site.yml` with nothing to change took **52 s**" in check.stderr
