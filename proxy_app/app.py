@@ -39,7 +39,7 @@ from .metrics import Metrics, endpoint_label
 from .outcome import Outcome
 from .proxy import Proxy
 from .ratelimit import Limiter
-from .upstream import UpstreamError, UpstreamPool
+from .routing import Router
 from .usage import RedisUsageStore, SqliteUsageStore, UsageStore
 
 Handler = Callable[[Receive, Send, Outcome, dict[bytes, bytes]], Awaitable[None]]
@@ -66,7 +66,7 @@ class Gateway:
         self._redis: Any = None
         self.usage: UsageStore | None = None
         self.limiter: Limiter | None = None
-        self.upstream: UpstreamPool | None = None
+        self.router: Router | None = None
         self.proxy: Proxy | None = None
         self.admin: Any = None
         self.routes: dict[str, tuple[frozenset[str], Handler]] = {}
@@ -88,12 +88,12 @@ class Gateway:
             self.usage = SqliteUsageStore(c.state_dir, c.sqlite_synchronous)
         await self.usage.open()
         self.limiter = Limiter(c.rate_limit, c.redis_url, self._redis, c.redis_prefix, lease_ttl)
-        self.upstream = UpstreamPool(c.vllm_host, c.vllm_port, c.timeouts, c.vllm_api_key)
+        self.router = Router(c, self.metrics, self.log)
         self.proxy = Proxy(
             keys=self.keys,
             limiter=self.limiter,
             usage=self.usage,
-            upstream=self.upstream,
+            router=self.router,
             metrics=self.metrics,
             log=self.log,
             max_body_bytes=c.max_body_bytes,
@@ -120,7 +120,7 @@ class Gateway:
             "info",
             "started",
             listen=f"{c.fastapi_host}:{c.fastapi_port}",
-            upstream=f"{c.vllm_host}:{c.vllm_port}",
+            backends=[b.name for b in self.router.backends],
             keys=len(self.keys.keys),
             store="redis" if c.redis_url else "sqlite",
         )
@@ -134,8 +134,8 @@ class Gateway:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self.upstream is not None:
-            self.upstream.close()
+        if self.router is not None:
+            self.router.close()
         if self.usage is not None:
             await self.usage.close()
         if self._redis is not None:
@@ -233,23 +233,10 @@ class Gateway:
                 await self.reload_keys("file_change")
 
     async def _probe_upstream(self) -> None:
+        assert self.router is not None
         while True:
-            await self.upstream_ok()
-            await asyncio.sleep(self.config.upstream_probe_interval)
-
-    async def upstream_ok(self) -> bool:
-        """Ask vLLM's /health; updates the upstream_up gauge."""
-        assert self.upstream is not None
-        try:
-            resp = await self.upstream.request(
-                "GET", "/health", first_byte_timeout=2.0, total_timeout=3.0
-            )
-            await resp.read()
-            ok = resp.status == 200
-        except UpstreamError:
-            ok = False
-        self.metrics.upstream_up.set(1 if ok else 0)
-        return ok
+            await self.router.probe_all()
+            await asyncio.sleep(self.config.routing.health_interval)
 
     # small endpoints
 
@@ -261,8 +248,14 @@ class Gateway:
     async def _ready(
         self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]
     ) -> None:
-        if not await self.upstream_ok():
-            raise upstream_unavailable("Not ready: the model server does not answer /health.")
+        assert self.router is not None
+        if not await self.router.probe_all():
+            down = ", ".join(self.router.models_down())
+            raise upstream_unavailable(
+                f"Not ready: no server of these models answers /health: {down}."
+                if self.router.named_models
+                else "Not ready: the model server does not answer /health."
+            )
         if self.limiter is not None and self.config.redis_url is not None:
             try:
                 ok = await self.limiter.check()

@@ -50,6 +50,36 @@ class Timeouts(_Strict):
     total: Seconds = 900.0
 
 
+class Backend(_Strict):
+    """One vLLM server serving a model."""
+
+    # A unique label, used in metrics, logs and the admin API: "<host>/<instance>".
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    host: str
+    port: Port
+
+
+class Model(_Strict):
+    """A model clients ask for by name, and the vLLM servers that serve it."""
+
+    name: Annotated[str, Field(min_length=1)]
+    backends: Annotated[list[Backend], Field(min_length=1)]
+
+
+class Routing(_Strict):
+    """How a request picks one of its model's backends."""
+
+    # prefix: the same prompt start goes to the same backend (its KV cache has it), from
+    # any gateway, unless that backend is busier than (1 + load_epsilon) x the mean.
+    policy: Literal["prefix", "least_outstanding", "round_robin"] = "prefix"
+    # Characters of the prompt's start that make its routing key (system prompt and first
+    # user message for chat, the prompt's start for completions).
+    prefix_chars: PositiveInt = 2048
+    load_epsilon: Annotated[float, Field(ge=0)] = 0.2
+    # Seconds between two /health probes of every backend.
+    health_interval: Seconds = 1.0
+
+
 class Config(_Strict):
     """The gateway's configuration file."""
 
@@ -57,6 +87,10 @@ class Config(_Strict):
     vllm_port: Port = 8002
     # Sent to vLLM as a bearer token when vLLM runs with --api-key (defence in depth).
     vllm_api_key: str | None = None
+    # The models and their backends. Absent: one backend, vllm_host:vllm_port, serving
+    # whatever model it serves (it answers unknown models itself).
+    models: list[Model] | None = None
+    routing: Routing = Routing()
     fastapi_host: str = "127.0.0.1"
     fastapi_port: Port = 8001
     # Seconds an idle client connection (nginx's) stays open.
@@ -85,15 +119,33 @@ class Config(_Strict):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = None
-    # How often the key file's mtime/inode is checked for changes, and vLLM probed for /ready
-    # and the upstream_up gauge.
+    # How often the key file's mtime/inode is checked for changes (backends are probed every
+    # routing.health_interval).
     keys_poll_interval: Seconds = 2.0
-    upstream_probe_interval: Seconds = 10.0
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: list[Model] | None) -> list[Model] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("list at least one model, or leave models out")
+        seen_models: set[str] = set()
+        seen_backends: set[str] = set()
+        for m in v:
+            if m.name in seen_models:
+                raise ValueError(f"model {m.name!r} is listed twice")
+            seen_models.add(m.name)
+            for b in m.backends:
+                if b.name in seen_backends:
+                    raise ValueError(f"backend name {b.name!r} is used twice")
+                seen_backends.add(b.name)
+        return v
 
     @field_validator("redis_url")
     @classmethod

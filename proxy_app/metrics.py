@@ -90,7 +90,39 @@ class Metrics:
             registry=r,
         )
         self.upstream_up = Gauge(
-            "upstream_up", "Whether vLLM answered its last health probe (1) or not (0)", registry=r
+            "upstream_up",
+            "Whether every model has a backend whose last health probe answered (1) or not (0)",
+            registry=r,
+        )
+        self.backend_requests = Counter(
+            "gateway_backend_requests_total",
+            "Requests sent to each vLLM backend",
+            ["backend", "model"],
+            registry=r,
+        )
+        self.backend_in_flight = Gauge(
+            "gateway_backend_in_flight",
+            "Requests in flight to each vLLM backend from this gateway",
+            ["backend", "model"],
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "gateway_backend_up",
+            "Whether the backend is in rotation (1: its last probe answered) or not (0)",
+            ["backend", "model"],
+            registry=r,
+        )
+        self.routing_decisions = Counter(
+            "gateway_routing_decisions_total",
+            "Prefix routing: the prompt's own backend taken (affinity) or passed over for load "
+            "(spilled)",
+            ["model", "decision"],
+            registry=r,
+        )
+        self.backend_retries = Counter(
+            "gateway_backend_retries_total",
+            "Requests sent to another backend because the first refused the connection",
+            registry=r,
         )
         self.keys_loaded = Gauge("gateway_keys_loaded", "API keys in force", registry=r)
         self.key_reloads = Counter(

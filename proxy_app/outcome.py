@@ -51,6 +51,7 @@ class Outcome:
     """One request's record. Read through its properties; written only by its methods."""
 
     __slots__ = (
+        "_backend",
         "_error",
         "_key_id",
         "_limit",
@@ -96,6 +97,7 @@ class Outcome:
         self._error: str | None = None
         self._upstream_ms: float | None = None
         self._ttft_ms: float | None = None
+        self._backend: str | None = None
 
     # read
 
@@ -156,6 +158,10 @@ class Outcome:
         self._status = 499
         self._error = "client_disconnect"
 
+    def sent_to(self, backend: str) -> None:
+        """The vLLM backend the request went to."""
+        self._backend = backend
+
     def upstream_done(self, seconds: float) -> None:
         """vLLM's part of the request took ``seconds``."""
         self._upstream_ms = seconds * 1000
@@ -202,6 +208,8 @@ class Outcome:
         }
         if t is not None and t.estimated:
             record["tokens_estimated"] = True
+        if self._backend is not None:
+            record["backend"] = self._backend
         if self._upstream_ms is not None:
             record["upstream_ms"] = round(self._upstream_ms, 3)
         if self._ttft_ms is not None:

@@ -23,11 +23,11 @@ from .logs import JsonLog
 from .metrics import Metrics
 from .outcome import Outcome, Tokens
 from .ratelimit import Limiter
+from .routing import Backend, Router, prompt_start
 from .sse import usage_of
 from .stream import ClientWatch, StreamRelay
 from .upstream import (
     UpstreamError,
-    UpstreamPool,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -172,7 +172,7 @@ class Proxy:
         keys: KeyStore,
         limiter: Limiter,
         usage: UsageStore,
-        upstream: UpstreamPool,
+        router: Router,
         metrics: Metrics,
         log: JsonLog,
         max_body_bytes: int,
@@ -180,7 +180,8 @@ class Proxy:
         self.keys = keys
         self.limiter = limiter
         self.usage = usage
-        self.upstream = upstream
+        self.router = router
+        self._prefix_chars = router.settings.prefix_chars
         self.metrics = metrics
         self.log = log
         self.max_body = max_body_bytes
@@ -198,6 +199,7 @@ class Proxy:
         req = parse_request(body, outcome.endpoint)
         outcome.requested(req.model, req.stream)
         check_model(key, req.model)
+        self.router.backends_of(req.model)  # 404 for a model nobody serves, before any limit
         try:
             if key.quota is not None:
                 used = await self.usage.used(key, now)
@@ -245,10 +247,9 @@ class Proxy:
         stopping = False
         t0 = time.perf_counter()
         watch = ClientWatch(receive)
+        backend: Backend | None = None
         try:
-            resp = await self.upstream.request(
-                "POST", endpoint, req.body, request_id=outcome.request_id, streaming=req.stream
-            )
+            resp, backend = await self._send(outcome, req)
             if relay is not None and relay.accepts(resp):
                 await relay.pump(resp, t0, self._ttft[endpoint])
             else:
@@ -264,10 +265,10 @@ class Proxy:
             watch.close()
             if resp is not None and not resp.done:
                 resp.abort()
+            if backend is not None:
+                backend.finish()
         elapsed = time.perf_counter() - t0
         outcome.upstream_done(elapsed)
-        if isinstance(failure, UpstreamUnavailable):
-            self.metrics.upstream_up.set(0)
 
         if relay is not None and relay.started:
             self._latency[endpoint].observe(elapsed)
@@ -310,6 +311,47 @@ class Proxy:
         self._latency[endpoint].observe(elapsed)
         await self._charge(key, outcome, self._usage_of_body(outcome, req, body))
         await respond(send, outcome, 200, body, resp.header(b"content-type") or b"application/json")
+
+    async def _send(self, outcome: Outcome, req: ParsedRequest) -> tuple[UpstreamResponse, Backend]:
+        """Send the request to a backend of its model and wait for the answer's headers.
+
+        A backend that refuses the connection (nothing was sent) is marked down and the next
+        one is tried; once bytes reached a backend the request is never sent again. The
+        backend returned counts the request in flight until the caller calls finish().
+        """
+        router = self.router
+        by_prefix = router.settings.policy == "prefix"
+        prompt = prompt_start(req.fields, self._prefix_chars) if by_prefix else ""
+        tried: list[Backend] = []
+        last: UpstreamUnavailable | None = None
+        while True:
+            try:
+                backend = router.choose(req.model, prompt, tried)
+            except ApiError:
+                if last is None:
+                    raise
+                raise last from None  # every backend refused: "not reachable", as one would
+            backend.start()
+            try:
+                resp = await backend.pool.request(
+                    "POST",
+                    outcome.endpoint,
+                    req.body,
+                    request_id=outcome.request_id,
+                    streaming=req.stream,
+                )
+            except UpstreamUnavailable as e:
+                backend.finish()
+                router.mark_down(backend, e)
+                tried.append(backend)
+                last = e
+                self.metrics.backend_retries.inc()
+                continue
+            except BaseException:
+                backend.finish()
+                raise
+            outcome.sent_to(backend.name)
+            return resp, backend
 
     def _usage_of_body(self, outcome: Outcome, req: ParsedRequest, body: bytes) -> Tokens:
         """vLLM's reported usage; an estimate (counted, logged) when the body has none."""
@@ -372,25 +414,50 @@ class Proxy:
     async def models(
         self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]
     ) -> None:
-        """GET /v1/models, limited to the models the key may use."""
+        """GET /v1/models: every model served, limited to those the key may use."""
         key = self.keys.authenticate(headers.get(b"authorization"), time.time())
         outcome.identify(key.user, key.key_id)
         t0 = time.perf_counter()
-        try:
-            resp = await self.upstream.request(
-                "GET", "/v1/models", request_id=outcome.request_id, first_byte_timeout=30.0
-            )
-            body = await resp.read()
-        except UpstreamError as e:
-            raise upstream_api_error(e) from None
+        if self.router.named_models:
+            names = [m for m in self.router.models if key.models is None or m in key.models]
+            entries = await asyncio.gather(*(self._model_entry(m, outcome) for m in names))
+            body = orjson.dumps({"object": "list", "data": entries})
+        else:
+            (backend,) = self.router.backends_of("")
+            try:
+                resp = await backend.pool.request(
+                    "GET", "/v1/models", request_id=outcome.request_id, first_byte_timeout=30.0
+                )
+                body = await resp.read()
+            except UpstreamError as e:
+                raise upstream_api_error(e) from None
+            if resp.status != 200:
+                await self._relay_error(send, outcome, resp, body)
+                return
+            listing = _model_list(body)
+            if key.models is not None:
+                listing["data"] = [m for m in listing["data"] if m["id"] in key.models]
+                body = orjson.dumps(listing)
         elapsed = time.perf_counter() - t0
         outcome.upstream_done(elapsed)
         self._latency["/v1/models"].observe(elapsed)
-        if resp.status != 200:
-            await self._relay_error(send, outcome, resp, body)
-            return
-        listing = _model_list(body)
-        if key.models is not None:
-            listing["data"] = [m for m in listing["data"] if m["id"] in key.models]
-            body = orjson.dumps(listing)
         await respond(send, outcome, 200, body)
+
+    async def _model_entry(self, model: str, outcome: Outcome) -> dict[str, Any]:
+        """The model's entry in vLLM's own list (max_model_len and all), from a backend
+        that is up; a plain entry when none answers, since the model is still configured."""
+        for backend in self.router.backends_of(model):
+            if not backend.up:
+                continue
+            try:
+                resp = await backend.pool.request(
+                    "GET", "/v1/models", request_id=outcome.request_id, first_byte_timeout=5.0
+                )
+                body = await resp.read()
+                if resp.status == 200:
+                    for entry in _model_list(body)["data"]:
+                        if entry["id"] == model:
+                            return entry
+            except (UpstreamError, ApiError):
+                continue
+        return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "llmhost"}

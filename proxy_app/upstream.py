@@ -34,7 +34,8 @@ class UpstreamError(Exception):
 
 
 class UpstreamUnavailable(UpstreamError):
-    """No connection to vLLM could be made: nothing of the request was sent."""
+    """No connection to vLLM could be made: nothing of the request was sent, so another
+    backend may take it."""
 
 
 class UpstreamTimeout(UpstreamError):
@@ -296,7 +297,8 @@ class UpstreamPool:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(_Connection, self.host, self.port)
         except TimeoutError:
-            raise UpstreamTimeout(
+            # Nothing was sent: unavailable (another backend may take it), not a timeout.
+            raise UpstreamUnavailable(
                 f"vLLM did not accept a connection within {timeout:.1f}s"
             ) from None
         except OSError as e:
@@ -343,10 +345,11 @@ class UpstreamPool:
                     await conn.wait(header_deadline, "waiting for the response headers")
             except UpstreamError as e:
                 conn.abort()
-                # vLLM may close an idle connection just as it is reused: the request never
-                # reached it, so sending it again on a fresh connection is safe.
+                # vLLM may close an idle connection just as it is reused. Whether it read the
+                # request first cannot be known, so only a GET (no generation) is sent again:
+                # a POST that reached vLLM must never run twice.
                 broken = isinstance(e, UpstreamBroken)
-                if attempt == 0 and reused and not conn.received_any and broken:
+                if attempt == 0 and reused and not conn.received_any and broken and method == "GET":
                     continue
                 raise
             except asyncio.CancelledError:

@@ -1,0 +1,263 @@
+"""Where a request goes: each model's backends, their health, and the choice among them.
+
+Policies (``routing.policy``):
+
+* ``prefix`` (default): the model and the start of the prompt are hashed, and the backends
+  of that model are ranked by rendezvous hashing (highest random weight): each backend's
+  score is a hash of the prompt key and the backend's name. The first in that order gets the
+  request, so the same system prompt and first message go where their KV cache already is,
+  from any gateway, with no state shared between gateways; a backend that goes away moves
+  only its own keys. Bounded load: a backend is passed over while its in-flight requests
+  would exceed (1 + load_epsilon) times the mean over the model's backends (counting this
+  request), and the next in rendezvous order takes the request ("spilled").
+* ``least_outstanding``: the backend with the fewest requests in flight.
+* ``round_robin``: each backend in turn.
+
+Health: every backend's ``/health`` is probed every ``health_interval`` seconds; a backend
+that refuses a connection is marked down at once (passive ejection) and comes back with its
+next good probe. Only backends marked up are chosen; when none of a model's is up, the
+request gets 503. A request that could not be sent at all (connection refused) is tried on
+the next backend; one whose bytes reached a backend is never sent again (proxy.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from .config import Config, Routing, Timeouts
+from .errors import ApiError
+from .logs import JsonLog
+from .metrics import Metrics
+from .upstream import UpstreamError, UpstreamPool
+
+# A backend that serves whatever model is asked (the config names no models): the model
+# list is vLLM's, and vLLM answers unknown models itself.
+ANY_MODEL = ""
+
+
+class Backend:
+    """One vLLM server: its connections, health and load as this gateway sees them."""
+
+    __slots__ = ("_decisions", "_in_flight", "_requests", "_up", "in_flight", "model", "name",
+                 "pool", "salt", "up")  # fmt: skip
+
+    def __init__(self, name: str, model: str, pool: UpstreamPool, metrics: Metrics) -> None:
+        self.name = name
+        self.model = model
+        self.pool = pool
+        self.salt = name.encode()[:64]  # blake2b keys are at most 64 bytes
+        self.in_flight = 0
+        # Up until shown otherwise: a gateway started beside a loading vLLM must not refuse
+        # the first requests for a probe interval (a refused connection marks it down).
+        self.up = True
+        label = model or "*"
+        self._requests = metrics.backend_requests.labels(name, label)
+        self._in_flight = metrics.backend_in_flight.labels(name, label)
+        self._up = metrics.backend_up.labels(name, label)
+        self._up.set(1)
+
+    def start(self) -> None:
+        """A request is being sent to this backend."""
+        self.in_flight += 1
+        self._in_flight.inc()
+        self._requests.inc()
+
+    def finish(self) -> None:
+        """That request is over (answered, failed or abandoned)."""
+        self.in_flight -= 1
+        self._in_flight.dec()
+
+    def set_up(self, up: bool) -> bool:
+        """Mark the backend up or down; True when that changed its state."""
+        changed = up != self.up
+        self.up = up
+        self._up.set(1 if up else 0)
+        return changed
+
+
+def _text(content: Any) -> str:
+    """A message's content as text: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = (p.get("text") for p in content if isinstance(p, dict))
+        return "".join(t for t in texts if isinstance(t, str))
+    return "" if content is None else orjson.dumps(content).decode()
+
+
+def prompt_start(fields: dict[str, Any], chars: int) -> str:
+    """The part of a request that decides where its KV cache lives.
+
+    Chat: the system (and developer) messages before the first user message, and that
+    user message: every turn of one conversation shares them. Completions and embeddings:
+    the start of the prompt (of its first item, for a list).
+    """
+    messages = fields.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        size = 0
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            text = _text(m.get("content"))
+            parts.append(text)
+            size += len(text)
+            if m.get("role") == "user" or size >= chars:
+                break
+        return "\x00".join(parts)[:chars]
+    prompt = fields.get("prompt", fields.get("input"))
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch: its first prompt
+    if isinstance(prompt, str):
+        return prompt[:chars]
+    if isinstance(prompt, list):  # token ids
+        return ",".join(str(t) for t in prompt[: chars // 4])
+    return ""
+
+
+def _score(digest: bytes, backend: Backend) -> int:
+    return int.from_bytes(hashlib.blake2b(digest, digest_size=8, key=backend.salt).digest())
+
+
+class Router:
+    """The backends of every model, and the policy that picks one for a request."""
+
+    def __init__(self, config: Config, metrics: Metrics, log: JsonLog) -> None:
+        self.settings: Routing = config.routing
+        self.metrics = metrics
+        self.log = log
+        self._rr = itertools.count()
+        self.models: dict[str, list[Backend]] = {}
+        timeouts: Timeouts = config.timeouts
+        if config.models is None:
+            pool = UpstreamPool(config.vllm_host, config.vllm_port, timeouts, config.vllm_api_key)
+            self.models[ANY_MODEL] = [Backend("vllm", ANY_MODEL, pool, metrics)]
+        else:
+            for m in config.models:
+                self.models[m.name] = [
+                    Backend(
+                        b.name,
+                        m.name,
+                        UpstreamPool(b.host, b.port, timeouts, config.vllm_api_key),
+                        metrics,
+                    )
+                    for b in m.backends
+                ]
+        self.backends = [b for bs in self.models.values() for b in bs]
+        self.by_name = {b.name: b for b in self.backends}
+        decisions = metrics.routing_decisions
+        self._kept = {m: decisions.labels(m or "*", "affinity") for m in self.models}
+        self._spilled = {m: decisions.labels(m or "*", "spilled") for m in self.models}
+
+    @property
+    def named_models(self) -> bool:
+        """Whether the config lists the models (else one backend serves any model)."""
+        return ANY_MODEL not in self.models
+
+    def backends_of(self, model: str) -> list[Backend]:
+        """The backends serving ``model``; 404 model_not_found if none does."""
+        backends = self.models.get(model)
+        if backends is None:
+            backends = self.models.get(ANY_MODEL)
+            if backends is None:
+                raise ApiError(
+                    404,
+                    f"The model `{model}` does not exist.",
+                    "invalid_request_error",
+                    "model_not_found",
+                    param="model",
+                    metric_type="model_not_found",
+                )
+        return backends
+
+    def choose(self, model: str, prompt: str, tried: Iterable[Backend] = ()) -> Backend:
+        """A backend for one request; 503 when none of the model's backends is up."""
+        backends = self.backends_of(model)
+        excluded = set(tried)
+        candidates = [b for b in backends if b.up and b not in excluded]
+        if not candidates:
+            raise ApiError(
+                503,
+                f"No server for the model `{model}` is available right now; try again shortly."
+                if model
+                else "The model server is not reachable.",
+                "server_error",
+                "upstream_unavailable",
+                headers=[(b"retry-after", b"5")],
+            )
+        if len(candidates) == 1:
+            return candidates[0]
+        policy = self.settings.policy
+        if policy == "prefix":
+            return self._by_prefix(model, prompt, candidates)
+        if policy == "least_outstanding":
+            start = next(self._rr) % len(candidates)
+            rotated = candidates[start:] + candidates[:start]  # ties go round
+            return min(rotated, key=lambda b: b.in_flight)
+        return candidates[next(self._rr) % len(candidates)]
+
+    def _by_prefix(self, model: str, prompt: str, candidates: list[Backend]) -> Backend:
+        digest = hashlib.blake2b(
+            model.encode() + b"\x00" + prompt.encode("utf-8", "surrogatepass"), digest_size=16
+        ).digest()
+        ranked = sorted(candidates, key=lambda b: _score(digest, b), reverse=True)
+        load = sum(b.in_flight for b in candidates) + 1
+        capacity = math.ceil((1 + self.settings.load_epsilon) * load / len(candidates))
+        for i, b in enumerate(ranked):
+            if b.in_flight + 1 <= capacity:
+                (self._kept if i == 0 else self._spilled)[model].inc()
+                return b
+        self._spilled[model].inc()  # unreachable in practice: the mean is below capacity
+        return min(ranked, key=lambda b: b.in_flight)
+
+    def mark_down(self, backend: Backend, error: UpstreamError) -> None:
+        """A connection to the backend was refused: out of rotation until a probe says up."""
+        if backend.set_up(False):
+            self.log.log("warning", "backend_down", backend=backend.name, error=error.message)
+        self._update_up()
+
+    async def probe(self, backend: Backend) -> bool:
+        """Ask one backend's /health; updates its state."""
+        timeout = max(1.0, self.settings.health_interval)
+        try:
+            resp = await backend.pool.request(
+                "GET", "/health", first_byte_timeout=timeout, total_timeout=timeout + 1
+            )
+            await resp.read()
+            ok = resp.status == 200
+            error = f"/health answered {resp.status}"
+        except UpstreamError as e:
+            ok = False
+            error = e.message
+        if backend.set_up(ok):
+            if ok:
+                self.log.log("info", "backend_up", backend=backend.name)
+            else:
+                self.log.log("warning", "backend_down", backend=backend.name, error=error)
+        return ok
+
+    async def probe_all(self) -> bool:
+        """Probe every backend at once; True when every model has a backend up."""
+        await asyncio.gather(*(self.probe(b) for b in self.backends))
+        return self._update_up()
+
+    def _update_up(self) -> bool:
+        ok = all(any(b.up for b in bs) for bs in self.models.values())
+        self.metrics.upstream_up.set(1 if ok else 0)
+        return ok
+
+    def models_down(self) -> list[str]:
+        """The models none of whose backends is up."""
+        return [m or "*" for m, bs in self.models.items() if not any(b.up for b in bs)]
+
+    def close(self) -> None:
+        """Close every backend's idle connections."""
+        for b in self.backends:
+            b.pool.close()
