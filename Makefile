@@ -126,8 +126,9 @@ bench: setup ## Gateway benchmark against direct and LiteLLM (not a test; bench/
 
 # Each comparison replaces the one of its kind in bench/results.json ("comparisons"), which
 # bench/run.py keeps; ab.py re-renders RESULTS.md and the README's blocks itself.
-bench-ab: venv ## A/B: gateway vs its base revision and vs aiohttp's client, side by side (bench/ab.py)
+bench-ab: venv ## A/B: gateway vs its base revision, vs aiohttp's client, one vs 8 backends (bench/ab.py)
 	$(VENV)/bin/python bench/ab.py --base $(BASE) --record
 	$(VENV)/bin/python bench/ab.py --client --record
+	$(VENV)/bin/python bench/ab.py --routing 8 --record
 
 clean: demo-down ## Remove the demo host; keep caches

@@ -10,6 +10,9 @@ over median: what a difference must exceed to be more than noise).
               upstream_aiohttp.py (the issue's rule: switch if B is within 15% on every cell)
   --base REV  A: the gateway at git revision REV (a temporary `git worktree`); B: the
               working tree
+  --routing N A: the working tree with one backend (no `models` in its config); B: the
+              same code with N backends for the model (all the same upstream, under
+              different names), routed by prefix: what choosing a backend costs
 
 The table goes to stdout and to bench/results/ab-<time>.md and .json (with every round).
 --record also keeps it as the latest comparison of its kind ("client" or "base") in
@@ -18,7 +21,7 @@ render_results, which puts the comparisons after the main tables, and keeps them
 rewrites the file) and runs tools/readme_figures.py. Needs wrk. Not a test: figures depend on
 the machine.
 
-Usage: python bench/ab.py (--client | --base REV) [--concurrency 1,8] [--rounds 4]
+Usage: python bench/ab.py (--client | --base REV | --routing N) [--concurrency 1,8] [--rounds 4]
                           [--duration 5] [--warmup 2] [--record]
 """
 
@@ -66,6 +69,7 @@ class Side:
     label: str  # what the table calls it
     code: Path  # the folder proxy_app is imported from
     client: str  # gateway_with_client.py --client
+    config: dict | None = None  # added to the gateway's config
 
 
 @dataclass
@@ -130,7 +134,7 @@ def gateway(side: Side, workdir: Path, upstream_port: int) -> Iterator[str]:
     """One gateway serving ``side``'s code; yields its completion URL."""
     workdir.mkdir(parents=True)
     port = free_port()
-    config = gateway_files(workdir, upstream_port, port)
+    config = gateway_files(workdir, upstream_port, port, side.config)
     args = [sys.executable, str(LAUNCHER), "--client", side.client, "--config", str(config)]
     log = workdir / "gateway.log"
     with process(args, log, env={"PYTHONPATH": str(side.code)}) as proc:
@@ -173,6 +177,14 @@ def verdict(mode: str, cells: list[Cell]) -> str:
     """The sentence under the table: the switch rule (--client), or the largest difference
     set against the spread of its rounds (--base)."""
     ratios = {c.name: c.rps_ratio for c in cells}
+    if mode == "routing":
+        one = min((c for c in cells if not c.stream), key=lambda c: c.conns)
+        s = one.summary()
+        added = s["b_p50_ms"] - s["a_p50_ms"]
+        return (
+            f"Added p50 at {one.conns} connection(s), non-streamed: {added:+.3f} ms "
+            f"({s['a_p50_ms']:.3f} -> {s['b_p50_ms']:.3f} ms; the issue's bound: 0.3 ms)."
+        )
     if mode == "client":
         rule = f"By the rule (aiohttp within {SWITCH_WITHIN:.0%} on req/s in every cell): "
         worst = min(ratios, key=ratios.__getitem__)
@@ -230,6 +242,9 @@ def main() -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--client", action="store_true", help="upstream.py vs upstream_aiohttp.py")
     which.add_argument("--base", metavar="REV", help="the gateway at REV vs the working tree")
+    which.add_argument(
+        "--routing", metavar="N", type=int, help="one backend vs N backends routed by prefix"
+    )
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=int, default=5, help="seconds per round")
@@ -256,6 +271,10 @@ def main() -> int:
             mode, title = "client", "forwarding client, upstream.py vs aiohttp"
             a = Side("the gateway with upstream.py", REPO, "builtin")
             b = Side("the gateway with bench/upstream_aiohttp.py", REPO, "aiohttp")
+        elif args.routing:
+            mode, title = "routing", f"one backend vs {args.routing} backends (prefix routing)"
+            a = Side("the gateway with one backend", REPO, "builtin")
+            b = Side(f"the gateway with {args.routing} backends", REPO, "builtin", {"models": None})
         else:
             path, sha = stack.enter_context(base_worktree(args.base))
             mode, title = "base", f"the gateway at {sha} vs the working tree"
@@ -267,6 +286,12 @@ def main() -> int:
             process([py, str(BENCH / "upstream.py"), str(up_port)], workdir / "upstream.log")
         )
         wait_http(f"http://127.0.0.1:{up_port}/health", 60, upstream, "upstream")
+        if b.config is not None:
+            backends = [
+                {"name": f"gpu{i}/tiny", "host": "127.0.0.1", "port": up_port}
+                for i in range(args.routing)
+            ]
+            b.config = {"models": [{"name": "tiny", "backends": backends}]}
         urls = (
             stack.enter_context(gateway(a, workdir / "A", up_port)),
             stack.enter_context(gateway(b, workdir / "B", up_port)),

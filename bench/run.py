@@ -155,7 +155,7 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def gateway_files(workdir: Path, upstream_port: int, port: int) -> Path:
+def gateway_files(workdir: Path, upstream_port: int, port: int, extra: dict | None = None) -> Path:
     keys = {
         "keys": [
             {
@@ -178,6 +178,7 @@ def gateway_files(workdir: Path, upstream_port: int, port: int) -> Path:
         "state_dir": str(workdir / "state"),
         "rate_limit": {"qps": 1_000_000, "concurrent": 10_000, "tokens_per_minute": 10**12},
         "log_level": "info",
+        **(extra or {}),
     }
     path = workdir / "gateway.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -389,7 +390,7 @@ def render_results(data: dict) -> str:
 
 
 # The A/B sections of RESULTS.md, in this order; a kind not named here comes after them.
-COMPARISON_KINDS = ("client", "base")
+COMPARISON_KINDS = ("client", "base", "routing")
 
 
 def _comparison_rank(kind: str) -> tuple[int, str]:
@@ -435,7 +436,7 @@ def render_comparison(comparison: dict) -> list[str]:
         "",
         comparison["verdict"],
         "",
-        f"Reproduce: `{meta['command']}` (`make bench-ab` runs both comparisons).",
+        f"Reproduce: `{meta['command']}` (`make bench-ab` runs every comparison).",
         "",
     ]
     return lines
