@@ -9,7 +9,8 @@ Policies (``routing.policy``):
   from any gateway, with no state shared between gateways; a backend that goes away moves
   only its own keys. Bounded load: a backend is passed over while its in-flight requests
   would exceed (1 + load_epsilon) times the mean over the model's backends (counting this
-  request), and the next in rendezvous order takes the request ("spilled").
+  request; rounded down, but never below the mean), and the next in rendezvous order takes
+  the request ("spilled").
 * ``least_outstanding``: the backend with the fewest requests in flight.
 * ``round_robin``: each backend in turn.
 
@@ -208,8 +209,11 @@ class Router:
             model.encode() + b"\x00" + prompt.encode("utf-8", "surrogatepass"), digest_size=16
         ).digest()
         ranked = sorted(candidates, key=lambda b: _score(digest, b), reverse=True)
-        load = sum(b.in_flight for b in candidates) + 1
-        capacity = math.ceil((1 + self.settings.load_epsilon) * load / len(candidates))
+        mean = (sum(b.in_flight for b in candidates) + 1) / len(candidates)
+        # Rounded down, so that (1 + epsilon) bounds busiest / mean at every load (rounding
+        # up lets two backends reach 10 / 6 at 16 in flight with epsilon 0.2); never below
+        # the mean rounded up, so that there is always room.
+        capacity = max(math.ceil(mean), math.floor((1 + self.settings.load_epsilon) * mean))
         for i, b in enumerate(ranked):
             if b.in_flight + 1 <= capacity:
                 (self._kept if i == 0 else self._spilled)[model].inc()

@@ -167,15 +167,21 @@ def test_bounded_load_spills_a_hot_prefix_to_the_next_backend():
     router = _router(n=2, epsilon=0.2)
     home = router.choose("m", "hot")
     other = next(b for b in router.backends if b is not home)
-    # In flight 3 and 2: capacity ceil(1.2 x 6 / 2) = 4, so the home backend takes one more.
-    home.in_flight, other.in_flight = 3, 2
+    # 2 and 2 in flight: mean with this request 2.5, capacity max(3, floor(1.2 x 2.5)) = 3.
+    home.in_flight, other.in_flight = 2, 2
     assert router.choose("m", "hot") is home
-    # 4 and 2: capacity ceil(1.2 x 7 / 2) = 5, 4 + 1 fits: still home.
-    home.in_flight = 4
-    assert router.choose("m", "hot") is home
-    # 5 and 2: capacity ceil(1.2 x 8 / 2) = 5, 5 + 1 does not fit: spilled.
-    home.in_flight = 5
+    # 3 and 2: mean 3, capacity 3; a fourth on the home backend would exceed it: spilled.
+    home.in_flight = 3
     assert router.choose("m", "hot") is other
+    # 9 and 6: mean 8, capacity floor(9.6) = 9: spilled; rounding up (10) would have let
+    # it reach 10 / 6 = 1.67, above 1 + epsilon over 1 - epsilon = 1.5.
+    home.in_flight, other.in_flight = 9, 6
+    assert router.choose("m", "hot") is other
+    home.in_flight, other.in_flight = 8, 7
+    assert router.choose("m", "hot") is home
+    text = router.metrics.render().decode()
+    assert 'gateway_routing_decisions_total{decision="spilled",model="m"} 2.0' in text
+    assert 'gateway_routing_decisions_total{decision="affinity",model="m"} 3.0' in text
 
 
 def test_least_outstanding_takes_the_least_busy_and_round_robin_takes_turns():
