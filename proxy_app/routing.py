@@ -193,9 +193,11 @@ class Router:
                 "upstream_unavailable",
                 headers=[(b"retry-after", b"5")],
             )
-        if len(candidates) == 1:
-            return candidates[0]
         policy = self.settings.policy
+        if len(candidates) == 1:
+            if policy == "prefix":
+                self._kept[model].inc()  # the only backend is the prompt's own
+            return candidates[0]
         if policy == "prefix":
             return self._by_prefix(model, prompt, candidates)
         if policy == "least_outstanding":

@@ -67,6 +67,7 @@ ZERO_BY_NATURE: dict[str, str] = {
     "vLLM requests running and waiting": "requests in flight and queued: 0 once the traffic ends",
     "KV cache usage now": "vLLM frees a request's KV blocks when it ends",
     "KV cache usage": "vLLM frees a request's KV blocks when it ends",
+    "In flight by backend": "requests in flight to each backend: 0 once the traffic has ended",
 }
 
 
