@@ -40,7 +40,7 @@ from .outcome import Outcome
 from .proxy import Proxy
 from .ratelimit import Limiter
 from .routing import Router
-from .usage import RedisUsageStore, SqliteUsageStore, UsageStore
+from .usage import RedisUsageStore, SqliteUsageStore, UsageSpool, UsageStore
 
 Handler = Callable[[Receive, Send, Outcome, dict[bytes, bytes]], Awaitable[None]]
 
@@ -82,12 +82,29 @@ class Gateway:
         if c.redis_url is not None:
             from redis.asyncio import Redis
 
-            self._redis = Redis.from_url(c.redis_url)
+            # Bounded waits, so that an unreachable Redis fails requests (or turns on local
+            # mode) in seconds rather than hanging them.
+            self._redis = Redis.from_url(
+                c.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+            )
             self.usage = RedisUsageStore(self._redis, c.redis_prefix)
         else:
             self.usage = SqliteUsageStore(c.state_dir, c.sqlite_synchronous)
         await self.usage.open()
-        self.limiter = Limiter(c.rate_limit, c.redis_url, self._redis, c.redis_prefix, lease_ttl)
+        self.limiter = Limiter(
+            c.rate_limit,
+            self.usage,
+            reservation=c.token_reservation,
+            redis=self._redis,
+            prefix=c.redis_prefix,
+            lease_ttl=lease_ttl,
+            failure_mode=c.redis_failure_mode,
+            gateway_count=c.gateway_count,
+            spool=UsageSpool(c.state_dir, c.sqlite_synchronous) if c.redis_url else None,
+            log=self.log,
+            local_gauge=self.metrics.limits_local,
+        )
+        await self.limiter.open()
         self.router = Router(c, self.metrics, self.log)
         self.proxy = Proxy(
             keys=self.keys,
@@ -136,6 +153,8 @@ class Gateway:
                 await t
         if self.router is not None:
             self.router.close()
+        if self.limiter is not None:
+            await self.limiter.close()
         if self.usage is not None:
             await self.usage.close()
         if self._redis is not None:

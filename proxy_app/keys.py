@@ -11,9 +11,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import Config, KeyDefaults, QuotaPeriod
+from .config import (
+    ENDPOINTS,
+    Config,
+    EndpointLimits,
+    KeyDefaults,
+    QuotaPeriod,
+    check_endpoint_names,
+)
 from .errors import forbidden, unauthorized
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -55,7 +62,18 @@ class KeyEntry(BaseModel):
     qps: PositiveInt | None = None
     concurrent: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
+    # Largest max_tokens a request may ask for; injected into requests that ask none.
+    max_tokens: PositiveInt | None = None
+    # Limits per endpoint (chat, completions, embeddings); replaces key_defaults' whole.
+    endpoints: dict[str, EndpointLimits] | None = None
     admin: bool = False
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_names(
+        cls, v: dict[str, EndpointLimits] | None
+    ) -> dict[str, EndpointLimits] | None:
+        return None if v is None else check_endpoint_names(v)
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyEntry:
@@ -88,6 +106,9 @@ class ApiKey:
     concurrent: int | None
     tokens_per_minute: int | None
     admin: bool
+    max_tokens: int | None = None
+    # By request path ("/v1/chat/completions"...): the endpoint's own limits for this key.
+    endpoints: dict[str, EndpointLimits] | None = None
 
 
 class KeysFileError(Exception):
@@ -130,7 +151,15 @@ def _resolve(entry: KeyEntry, defaults: KeyDefaults) -> ApiKey:
         concurrent=pick("concurrent"),
         tokens_per_minute=pick("tokens_per_minute"),
         admin=entry.admin,
+        max_tokens=pick("max_tokens"),
+        endpoints=_by_path(entry.endpoints if "endpoints" in given else defaults.endpoints),
     )
+
+
+def _by_path(endpoints: dict[str, EndpointLimits] | None) -> dict[str, EndpointLimits] | None:
+    if not endpoints:
+        return None
+    return {ENDPOINTS[name]: limits for name, limits in endpoints.items()}
 
 
 def _refuse_repeated_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -124,6 +124,12 @@ class Metrics:
             "Requests sent to another backend because the first refused the connection",
             registry=r,
         )
+        self.limits_local = Gauge(
+            "gateway_limits_local",
+            "1 while Redis is unreachable and this gateway enforces its share of the limits "
+            "locally (redis_failure_mode: local), else 0",
+            registry=r,
+        )
         self.keys_loaded = Gauge("gateway_keys_loaded", "API keys in force", registry=r)
         self.key_reloads = Counter(
             "gateway_key_reloads_total",

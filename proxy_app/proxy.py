@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from .keys import ApiKey, KeyStore, check_model
 from .logs import JsonLog
 from .metrics import Metrics
 from .outcome import Outcome, Tokens
-from .ratelimit import Limiter
+from .ratelimit import Admission, Limiter, requested_max_tokens
 from .routing import Backend, Router, prompt_start
 from .sse import usage_of
 from .stream import ClientWatch, StreamRelay
@@ -32,9 +33,13 @@ from .upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .usage import UsageStore, quota_exhausted
+from .usage import UsageStore
 
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
+# The admission of the request being handled (set in completion(), read by _charge).
+_ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(
+    "admission", default=None
+)
 # Without a usage chunk (client gone, vLLM dropped), prompt tokens are estimated from the
 # prompt's length: about 4 bytes per token for English text with BPE tokenizers.
 _BYTES_PER_TOKEN = 4
@@ -121,6 +126,24 @@ def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
     return ParsedRequest(body, model, True, wants_usage, obj)
 
 
+def _cap_max_tokens(req: ParsedRequest, cap: int) -> None:
+    """A key's max_tokens cap: 400 for a request asking more; set on one that asks none,
+    so that vLLM never generates past it (and the reservation holds)."""
+    asked = requested_max_tokens(req.fields)
+    if asked is not None:
+        name, value = asked
+        if value > cap:
+            raise bad_request(
+                f"'{name}' is {value}, more than this API key may ask for ({cap}). "
+                f"Set {name} to {cap} or less.",
+                name,
+                "max_tokens_exceeded",
+            )
+        return
+    req.fields["max_tokens"] = cap
+    req.body = req.body.rstrip()[:-1] + b',"max_tokens":' + str(cap).encode() + b"}"
+
+
 def upstream_api_error(e: UpstreamError) -> ApiError:
     """The client-facing error for a failure to talk to vLLM."""
     if isinstance(e, UpstreamUnavailable):
@@ -200,12 +223,11 @@ class Proxy:
         outcome.requested(req.model, req.stream)
         check_model(key, req.model)
         self.router.backends_of(req.model)  # 404 for a model nobody serves, before any limit
+        endpoint = outcome.endpoint
+        if key.max_tokens is not None and endpoint != "/v1/embeddings":
+            _cap_max_tokens(req, key.max_tokens)
         try:
-            if key.quota is not None:
-                used = await self.usage.used(key, now)
-                if used >= key.quota:
-                    raise quota_exhausted(key, used, now)
-            admission = await self.limiter.admit(key)
+            admission = await self.limiter.admit(key, endpoint, req.fields, now)
         except ApiError:
             raise
         except Exception as e:
@@ -221,10 +243,14 @@ class Proxy:
                 headers=[(b"retry-after", b"5")],
             ) from None
         outcome.admitted()
+        # _charge settles this admission (frees its reservations as it records the usage).
+        held = _ADMISSION.set(admission)
         try:
             await self._forward(receive, send, outcome, key, req)
         finally:
+            _ADMISSION.reset(held)
             try:
+                # Slots, and the reservations of a request that was never charged.
                 await self.limiter.release(admission)
             except Exception as e:
                 # The lease expires by itself (request timeout + margin).
@@ -385,7 +411,11 @@ class Proxy:
         """Store the request's usage durably; only then may the response end."""
         outcome.charged(tokens)
         try:
-            await self.usage.record(key, tokens.prompt, tokens.completion, time.time())
+            # Usage recorded and the admission's reservations freed in one step (one Lua
+            # script with Redis); tokens per minute charged with the real count.
+            await self.limiter.settle(
+                _ADMISSION.get(), key, tokens.prompt, tokens.completion, time.time()
+            )
         except Exception as e:
             # Serving without counting would let quotas leak: the request fails instead, and
             # the log keeps the figures for the operator.
@@ -406,10 +436,6 @@ class Proxy:
                 "usage_store_unavailable",
             ) from None
         self.metrics.tokens_used(key.user, tokens.prompt, tokens.completion)
-        try:
-            await self.limiter.charge_tokens(key, tokens.total)
-        except Exception as e:
-            self.log.log("error", "token_limit_charge_failed", error=repr(e))
 
     async def models(
         self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]

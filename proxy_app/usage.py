@@ -8,8 +8,12 @@ Usage is counted per key and period: ``total``, ``month:YYYY-MM`` and ``day:YYYY
   returns, so killing the gateway, even with SIGKILL, loses no completed request; only an OS
   crash or power loss can drop the last commits. ``sqlite_synchronous: full`` adds an fsync
   per request for that case too.
-* Redis, when the gateways share one (``redis_url``): counters in hashes updated in one
-  MULTI/EXEC per request. Its durability is Redis' own: run it with ``appendonly yes``.
+* Redis, when the gateways share one (``redis_url``): counters in hashes, written by the
+  limiter's settlement script (ratelimit.py) in the same step that frees the request's
+  reservations. Its durability is Redis' own: run it with ``appendonly yes``.
+
+``UsageSpool`` holds usage recorded while Redis was unreachable (``redis_failure_mode:
+local``), in SQLite in the state dir, until it is replayed into Redis.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import sqlite3
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -74,22 +80,37 @@ def seconds_to_period_end(period: str, now: float) -> float | None:
     return end - now
 
 
-def quota_exhausted(key: ApiKey, used: int, now: float) -> ApiError:
-    """429 insufficient_quota: retrying does not help until the period ends."""
+def quota_exhausted(key: ApiKey, used: int, now: float, needed: int | None = None) -> ApiError:
+    """429 insufficient_quota: retrying does not help until the period ends.
+
+    ``needed``: the request's reservation, when that, not the usage alone, is what does not
+    fit in the quota left.
+    """
     headers = [
         (b"x-should-retry", b"false"),
         (b"x-ratelimit-limit-tokens", str(key.quota).encode()),
-        (b"x-ratelimit-remaining-tokens", b"0"),
+        (b"x-ratelimit-remaining-tokens", str(max(0, (key.quota or 0) - used)).encode()),
     ]
     left = seconds_to_period_end(key.quota_period, now)
     if left is not None:
         headers.append((b"retry-after", str(math.ceil(left)).encode()))
         headers.append((b"x-ratelimit-reset-tokens", f"{math.ceil(left)}s".encode()))
     period = {"total": "", "monthly": " for this month", "daily": " for today"}[key.quota_period]
+    assert key.quota is not None
+    if needed is not None and used < key.quota:
+        message = (
+            f"This request may use up to {needed} tokens (its prompt and max_tokens), more "
+            f"than the {key.quota - used} left of your quota{period} ({used} of {key.quota} "
+            "tokens used). Lower max_tokens or ask your administrator for a larger quota."
+        )
+    else:
+        message = (
+            f"You exceeded your current quota{period} ({used} of {key.quota} tokens used). "
+            "Ask your administrator for a larger quota."
+        )
     err = ApiError(
         429,
-        f"You exceeded your current quota{period} ({used} of {key.quota} tokens used). "
-        "Ask your administrator for a larger quota.",
+        message,
         "insufficient_quota",
         "insufficient_quota",
         headers=headers,
@@ -311,11 +332,22 @@ def _checkpoint(db: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(row[2])
 
 
+# Redis usage counters: days are kept long enough for a monthly report, months for a yearly one.
+_REDIS_TTL: dict[str, int] = {"day": 40 * 86400, "month": 400 * 86400}
+
+
+def redis_usage_hashes(prefix: str, key_id: str, now: float) -> list[tuple[str, int]]:
+    """The Redis hashes a request at ``now`` counts in, each with its TTL (0: none)."""
+    return [
+        (f"{prefix}usage:{key_id}:{label}", _REDIS_TTL.get(label.split(":", 1)[0], 0))
+        for label in period_labels(now)
+    ]
+
+
 class RedisUsageStore:
     """Usage in Redis hashes ``<prefix>usage:<key_id>:<period>``, shared by gateways."""
 
-    # Day counters are kept long enough for a monthly report, months for a yearly one.
-    _TTL: ClassVar[dict[str, int]] = {"day": 40 * 86400, "month": 400 * 86400}
+    _TTL: ClassVar[dict[str, int]] = _REDIS_TTL
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
@@ -395,3 +427,83 @@ async def usage_report(store: UsageStore, keys: list[ApiKey], now: float) -> lis
             }
         )
     return report
+
+
+_SPOOL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (
+    id INTEGER PRIMARY KEY,
+    uid TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledUsage:
+    """One request's usage waiting for Redis; ``uid`` makes its replay count once."""
+
+    id: int
+    uid: str
+    key_id: str
+    user: str
+    prompt: int
+    completion: int
+    at: float
+
+
+class UsageSpool:
+    """Usage recorded while Redis is unreachable, in ``<state_dir>/usage-spool.sqlite3``.
+
+    Each row is committed (WAL, as the usage store) before the request ends, so a gateway
+    killed during an outage loses none; rows leave the spool only once Redis has them.
+    """
+
+    def __init__(self, state_dir: Path, synchronous: str = "normal") -> None:
+        self.path = state_dir / "usage-spool.sqlite3"
+        self.synchronous = synchronous
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        db.execute(_SPOOL_SCHEMA)
+        self._db = db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def record(self, key_id: str, user: str, prompt: int, completion: int, now: float) -> None:
+        """Keep one request's usage; committed when this returns."""
+        assert self._db is not None
+        self._db.execute(
+            "INSERT INTO spool (uid, key_id, user, prompt_tokens, completion_tokens, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (os.urandom(12).hex(), key_id, user, prompt, completion, now),
+        )
+
+    def pending(self, limit: int = 500) -> list[SpooledUsage]:
+        """The oldest rows not yet in Redis."""
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT id, uid, key_id, user, prompt_tokens, completion_tokens, at FROM spool "
+            "ORDER BY id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [SpooledUsage(*row) for row in rows]
+
+    def done(self, ids: list[int]) -> None:
+        """Forget rows that Redis has."""
+        assert self._db is not None
+        self._db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+
+    def count(self) -> int:
+        assert self._db is not None
+        return int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])

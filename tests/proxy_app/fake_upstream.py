@@ -13,6 +13,8 @@ behaviour:
   fake-hang       never answers
   fake-nousage    normal answer without a usage object
   fake-notjson    200 whose body is not JSON
+  fake-usage      normal answer after ``fake_delay`` seconds (a request field, default 0);
+                  usage prompt=``fake_prompt_tokens`` (default 7), completion=max_tokens x n
 
 GET /_stats (straight to this server, not through the gateway) returns counters and the
 last request body received, so tests can see what the gateway sent and whether it hung up.
@@ -147,6 +149,15 @@ async def app(scope, receive, send) -> None:
         )
         await send({"type": "http.response.body", "body": b'{"id": "x-1", ', "more_body": True})
         raise RuntimeError("fake upstream drops the connection")
+    if model == "fake-usage":
+        await asyncio.sleep(float(req.get("fake_delay", 0)))
+        prompt = int(req.get("fake_prompt_tokens", 7))
+        completion = int(req.get("max_tokens") or 5) * int(req.get("n") or 1)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
     if not req.get("stream"):
         out = {"id": "x-1", "object": obj.replace(".chunk", ""), "model": model, "choices": []}
         if model != "fake-nousage":

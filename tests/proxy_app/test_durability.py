@@ -22,13 +22,16 @@ def test_kill_9_loses_no_completed_request(gateway_factory: GatewayFactory, fake
 
 
 def test_quota_holds_across_restart(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw = gateway_factory(fake, keys=keys_with(quota=30))
+    gw = gateway_factory(fake, keys=keys_with(quota=60))
+    body = {**CHAT, "max_tokens": 5}
     with gw.client(USER_KEY) as c:
-        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
-        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
-        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200  # admitted at 24
+        served = 0
+        while (r := c.post("/v1/chat/completions", json=body)).status_code == 200:
+            served += 1
+    assert served >= 1 and r.json()["error"]["code"] == "insufficient_quota"
     gw.stop()
     gw.start()
     with gw.client(USER_KEY) as c:
-        r = c.post("/v1/chat/completions", json=CHAT)
+        r = c.post("/v1/chat/completions", json=body)
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+    assert gw.usage(ADMIN_KEY)["user1"]["total_usage"]["total_tokens"] == 12 * served
