@@ -16,9 +16,10 @@ Policies (``routing.policy``):
 
 Health: every backend's ``/health`` is probed every ``health_interval`` seconds; a backend
 that refuses a connection is marked down at once (passive ejection) and comes back with its
-next good probe. Only backends marked up are chosen; when none of a model's is up, the
-request gets 503. A request that could not be sent at all (connection refused) is tried on
-the next backend; one whose bytes reached a backend is never sent again (proxy.py).
+next good probe. Only backends marked up are chosen while the model has one; when none is,
+each is tried in turn, and the request gets 503 when all refuse. A request that could not be
+sent at all (connection refused) is tried on the next backend; one whose bytes reached a
+backend is never sent again (proxy.py).
 """
 
 from __future__ import annotations
@@ -179,15 +180,23 @@ class Router:
         return backends
 
     def choose(self, model: str, prompt: str, tried: Iterable[Backend] = ()) -> Backend:
-        """A backend for one request; 503 when none of the model's backends is up."""
+        """A backend for one request, not one of ``tried``; 503 when none is left.
+
+        Backends marked down are passed over while the model has one up. When none is up,
+        they are tried anyway (as Envoy's panic threshold does): one may be back before
+        its next probe, and a refused connection costs little (a host that drops packets
+        costs the connect timeout).
+        """
         backends = self.backends_of(model)
+        name = backends[0].model  # the model as configured: "" when one backend serves any
         excluded = set(tried)
-        candidates = [b for b in backends if b.up and b not in excluded]
+        untried = [b for b in backends if b not in excluded]
+        candidates = [b for b in untried if b.up] or untried
         if not candidates:
             raise ApiError(
                 503,
                 f"No server for the model `{model}` is available right now; try again shortly."
-                if model
+                if name
                 else "The model server is not reachable.",
                 "server_error",
                 "upstream_unavailable",
@@ -196,10 +205,10 @@ class Router:
         policy = self.settings.policy
         if len(candidates) == 1:
             if policy == "prefix":
-                self._kept[model].inc()  # the only backend is the prompt's own
+                self._kept[name].inc()  # the only backend is the prompt's own
             return candidates[0]
         if policy == "prefix":
-            return self._by_prefix(model, prompt, candidates)
+            return self._by_prefix(name, prompt, candidates)
         if policy == "least_outstanding":
             start = next(self._rr) % len(candidates)
             rotated = candidates[start:] + candidates[:start]  # ties go round
