@@ -32,6 +32,7 @@ from proxy_harness import (
 )
 
 from proxy_app.config import Config
+from proxy_app.errors import ApiError
 from proxy_app.logs import JsonLog
 from proxy_app.metrics import Metrics
 from proxy_app.routing import Router, prompt_start
@@ -386,3 +387,16 @@ def test_a_model_list_with_two_names_for_one_backend_is_refused():
                 ],
             }
         )
+
+
+def test_when_no_backend_is_up_they_are_tried_anyway():
+    router = _router(n=2)
+    for b in router.backends:
+        b.set_up(False)
+    # A probe may not have seen a backend come back yet: trying costs a refused connection.
+    first = router.choose("m", "p")
+    second = router.choose("m", "p", tried=[first])
+    assert {first, second} == set(router.backends)
+    with pytest.raises(ApiError) as refused:
+        router.choose("m", "p", tried=[first, second])
+    assert refused.value.status == 503 and refused.value.code == "upstream_unavailable"
