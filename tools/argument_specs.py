@@ -11,6 +11,10 @@ description each), as prometheus-community does; this keeps them honest:
 - options of another role's prefix are the variables this role reads from that
   role: they must be that role's inputs (of the same type) or facts it sets, and
   have no default here;
+- options prefixed `llmhost_` are inventory-wide inputs that several roles read
+  of every host (its private address, say): no role gives them a default (each
+  falls back in its expressions), and every role that declares one gives it
+  the same type;
 - a default that is not a template is one of the option's `choices`, and a list
   default's items fit `elements`;
 - descriptions are present and no two options of a role share one.
@@ -67,6 +71,10 @@ def _prefix(role: Path) -> str:
     return role.name + "_"
 
 
+# Inventory-wide inputs, read by several roles of every host (see the module docstring).
+SHARED_PREFIX = "llmhost_"
+
+
 def check_role(role: Path, all_options: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """Problems of one role's spec against its defaults (empty: in step)."""
     defaults_file = role / "defaults" / "main.yml"
@@ -110,6 +118,15 @@ def check_role(role: Path, all_options: dict[str, dict[str, dict[str, Any]]]) ->
         if "type" not in option:
             problems.append(f"{where}: {name} has no type")
         owner = next((r for p, r in prefixes.items() if name.startswith(p)), None)
+        if owner is None and name.startswith(SHARED_PREFIX):
+            if name in defaults:
+                problems.append(f"{where}: {name} is inventory-wide: no default in a role")
+            types = {o[name].get("type") for o in all_options.values() if name in o}
+            if len(types) > 1:
+                problems.append(
+                    f"{where}: {name} has different types in the roles: {sorted(types)}"
+                )
+            continue
         if owner == role.name:
             if name not in defaults and not option.get("required"):
                 problems.append(

@@ -97,3 +97,21 @@ def test_required_inputs_templates_and_facts_of_other_roles_pass(tmp_path, monke
         },
     )
     assert _problems(tmp_path, monkeypatch) == []
+
+
+def test_inventory_wide_inputs_have_no_default_and_one_type(tmp_path, monkeypatch):
+    _role(
+        tmp_path,
+        "db",
+        {"llmhost_private_address": "10.0.0.1"},
+        {"llmhost_private_address": {"type": "str", "description": "Address."}},
+    )
+    _role(
+        tmp_path,
+        "web",
+        {},
+        {"llmhost_private_address": {"type": "raw", "description": "Address."}},
+    )
+    problems = _problems(tmp_path, monkeypatch)
+    assert "roles/db: llmhost_private_address is inventory-wide: no default in a role" in problems
+    assert any("different types" in p for p in problems)
