@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = ("llm_proxy", "vllm", "grafana")
+ROLES = ("llm_proxy", "vllm", "grafana", "redis")
 
 
 def _good_key() -> str:
@@ -38,6 +38,13 @@ def _good_vars() -> dict:
         ],
         "vllm_api_key": _good_key(),
         "grafana_admin_password": secrets.token_urlsafe(18),
+        "redis_password": secrets.token_urlsafe(30),
+        # Every stand-in host is a gpu, gateway and redis host at once: vLLM stays on
+        # loopback, and the gateways are given their Redis (else their preflight
+        # asks for one, rightly: 15 gateways).
+        "vllm_host": "127.0.0.1",
+        "llmhost_private_address": "10.0.0.9",
+        "llm_proxy_redis_url": "redis://127.0.0.1:6379/0",
     }
 
 
@@ -86,6 +93,14 @@ CASES = {
     "vllm-key-short": ({"vllm_api_key": "k3y-Sh0rt"}, "vllm_api_key has 9 characters"),
     "vllm-device-choice": ({"vllm_device": "gpu"}, "vllm_device must be one of: cuda, cpu"),
     "grafana-default": ({"grafana_admin_password": "admin"}, "Grafana's default (admin)"),
+    "redis-placeholder": (
+        {"redis_password": "change-me-redis-password-long-random-string"},
+        "redis_password is a placeholder",
+    ),
+    "redis-short": (
+        {"redis_password": "k3y-Sh0rt"},
+        "redis_password has 9 characters, fewer than 32",
+    ),
     "grafana-placeholder": (
         {"grafana_admin_password": "change-me-grafana"},
         "grafana_admin_password is a placeholder",
@@ -103,7 +118,7 @@ def _preflights(inventory: Path, tmp_path: Path, *extra: str) -> dict[str, list[
     failures: dict[str, list[str]] = {}
     for role in ROLES:
         play = tmp_path / f"{role}.yml"
-        group = "monitoring" if role == "grafana" else "gpu"
+        group = {"grafana": "monitoring", "redis": "redis"}.get(role, "gpu")
         play.write_text(yaml.safe_dump([{"hosts": group, "gather_facts": False, "roles": [role]}]))
         env = dict(
             os.environ,
@@ -140,7 +155,9 @@ def refusals(tmp_path_factory) -> dict[str, list[str]]:
     inventory = tmp_path / "hosts.yml"
     everywhere = {"hosts": hosts}
     inventory.write_text(
-        yaml.safe_dump({"all": {"children": {"gpu": everywhere, "monitoring": everywhere}}})
+        yaml.safe_dump(
+            {"all": {"children": {g: everywhere for g in ("gpu", "monitoring", "redis")}}}
+        )
     )
     return _preflights(inventory, tmp_path)
 
@@ -167,12 +184,15 @@ def test_the_example_inventory_as_shipped_is_refused(tmp_path):
         ROOT / "inventories" / "example",
         tmp_path,
         "-e",
-        f"ansible_connection=local ansible_python_interpreter={sys.executable}",
+        f"ansible_connection=local ansible_python_interpreter={sys.executable}"
+        " llmhost_private_address=10.0.0.9",
     )
     gateway = " ".join(refusals["gpu01.example.internal"])
     for user in ("alice", "bob", "check"):
         assert f"(user {user})" in gateway, gateway
     assert "vllm_api_key is a placeholder" in gateway
+    redis = " ".join(refusals["redis01.example.internal"])
+    assert "redis_password is a placeholder" in redis, redis
     assert "grafana_admin_password is a placeholder" in " ".join(refusals["mon01.example.internal"])
 
 
@@ -185,7 +205,7 @@ def test_the_example_inventory_works_once_its_placeholders_are_replaced(tmp_path
         if value:
             values[name] = secrets.token_urlsafe(30)
     vault.write_text(yaml.safe_dump(values))
-    gateway = inventory / "group_vars" / "gpu" / "gateway.yml"
+    gateway = inventory / "group_vars" / "all" / "gateway.yml"
     settings = yaml.safe_load(gateway.read_text())
     for entry in settings["llm_proxy_api_keys"]:
         if "key_sha256" in entry:
@@ -195,6 +215,7 @@ def test_the_example_inventory_works_once_its_placeholders_are_replaced(tmp_path
         inventory,
         tmp_path,
         "-e",
-        f"ansible_connection=local ansible_python_interpreter={sys.executable}",
+        f"ansible_connection=local ansible_python_interpreter={sys.executable}"
+        " llmhost_private_address=10.0.0.9",
     )
     assert refusals == {}
