@@ -1,0 +1,243 @@
+"""What the cluster scenario's tests share: the hosts, their addresses and variables, a
+client that sends real requests from the controller to both gateways, and readers of the
+gateways' and vLLM's own metrics.
+
+The controller reaches the test hosts on the scenario's Docker network (the hosts' own
+addresses, as a client of a real site would reach its gateways); what only hosts inside the
+cluster may reach (vLLM behind its firewall, the gateways' loopback port) is read through a
+command run on a host that may.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SCENARIO = Path(__file__).resolve().parent.parent
+GPU_HOSTS = ("llmhost-gpu1", "llmhost-gpu2")
+GATEWAYS = ("llmhost-gw1", "llmhost-gw2")
+REDIS = "llmhost-redis"  # also the monitoring host
+
+
+def inventory() -> str:
+    return os.environ["MOLECULE_INVENTORY_FILE"]
+
+
+@cache
+def hostvars(name: str) -> dict[str, Any]:
+    """A host's variables as Ansible resolves them (lookups included)."""
+    out = subprocess.run(
+        ["ansible-inventory", "-i", inventory(), "--host", name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    return json.loads(out)
+
+
+@cache
+def address(name: str) -> str:
+    """The test host's address on the scenario's network."""
+    out = subprocess.run(
+        [
+            "docker",
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    return out[0]
+
+
+def gateway_url(name: str) -> str:
+    """Where clients reach a gateway host: its nginx."""
+    return f"http://{address(name)}:{hostvars(name).get('nginx_port', 8000)}"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One vLLM instance on a gpu host."""
+
+    host: str
+    name: str
+    model: str
+    port: int
+    unit: str
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus exposition text as {(name, labels): value}."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        labels = []
+        for part in rest.rstrip("}").split('",'):
+            if "=" in part:
+                k, v = part.split("=", 1)
+                labels.append((k, v.strip('"')))
+        samples[(name, frozenset(labels))] = float(value)
+    return samples
+
+
+def metric_sum(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    name: str,
+    **labels: str,
+) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels``; a metric with
+    no sample at all is an error (renamed metrics must fail the test, not read as 0)."""
+    found = [
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all((k, v_) in ls for k, v_ in labels.items())
+    ]
+    if not any(n == name for n, _ in samples):
+        raise AssertionError(f"no metric {name!r}")
+    return sum(found)
+
+
+class Cluster:
+    """Commands on the test hosts (through testinfra) and their metrics."""
+
+    def __init__(self, hosts: dict[str, Any]) -> None:
+        self.hosts = hosts
+
+    def run(self, name: str, command: str, *args: Any) -> str:
+        result = self.hosts[name].run(command, *args)
+        assert result.rc == 0, (name, command, result.stdout, result.stderr)
+        return result.stdout
+
+    def run_stdin(self, name: str, argv: list[str], stdin: str) -> str:
+        """argv on the host with ``stdin`` as its input (secrets stay off command lines)."""
+        result = self.hosts[name].ansible(
+            "ansible.builtin.command", json.dumps({"argv": argv, "stdin": stdin}), check=False
+        )
+        assert result.get("rc") == 0, (name, argv, result)
+        return result["stdout"]
+
+    def active(self, name: str, unit: str) -> bool:
+        return self.hosts[name].run(f"systemctl is-active {unit}").stdout.strip() == "active"
+
+    def gateway_config(self, gateway: str) -> dict[str, Any]:
+        """The gateway's config file as it reads it."""
+        py = "/opt/llm-proxy/venv/bin/python"
+        code = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))"
+        return json.loads(self.run(gateway, f"{py} -c '{code}' /etc/llm-proxy/config.yaml"))
+
+    def gateway_port(self, gateway: str) -> int:
+        return int(self.gateway_config(gateway).get("fastapi_port", 8001))
+
+    def lease_ttl(self) -> int:
+        """Seconds a dead gateway's concurrency slots outlive it: the request timeout + 60."""
+        timeouts = self.gateway_config(GATEWAYS[0]).get("timeouts", {})
+        return int(timeouts.get("total", 900)) + 60
+
+    def gateway_metrics(self, gateway: str) -> dict:
+        port = self.gateway_port(gateway)
+        return parse_metrics(self.run(gateway, f"curl -sf http://127.0.0.1:{port}/metrics"))
+
+    def vllm_metrics(self, instance: Instance) -> dict:
+        """vLLM's own metrics, read from a gateway host (the firewall admits it)."""
+        text = self.run(GATEWAYS[0], f"curl -sf http://{instance.host}:{instance.port}/metrics")
+        return parse_metrics(text)
+
+    def vllm_health(self, instance: Instance) -> bool:
+        url = f"http://{instance.host}:{instance.port}/health"
+        out = self.hosts[GATEWAYS[0]].run(f"curl -s -o /dev/null -w %{{http_code}} -m 2 {url}")
+        return out.stdout.strip() == "200"
+
+    def backend_up(self, gateway: str, backend: str) -> float:
+        return metric_sum(self.gateway_metrics(gateway), "gateway_backend_up", backend=backend)
+
+    def request_backends(self, ids: list[str]) -> dict[str, str]:
+        """request id -> the backend it went to, from the gateways' request log lines."""
+        wanted = set(ids)
+        found: dict[str, str] = {}
+        for gw in GATEWAYS:
+            out = self.run(gw, "journalctl -u llm-proxy -o cat --no-pager -n 20000")
+            for line in out.splitlines():
+                if not line.startswith("{"):
+                    continue
+                record = json.loads(line)
+                rid = record.get("request_id")
+                if rid in wanted and "backend" in record:
+                    found[rid] = record["backend"]
+        return found
+
+
+def chat(url: str, key: str, body: dict[str, Any], timeout: float = 120) -> httpx.Response:
+    with httpx.Client(timeout=timeout) as c:
+        return c.post(f"{url}/v1/chat/completions", json=body, headers=_auth(key))
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def parallel(calls: Iterable[Callable[[], Any]], workers: int) -> list[Any]:
+    """Run the calls on ``workers`` threads; their results (or exceptions) in order."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(c) for c in calls]
+        out = []
+        for f in futures:
+            try:
+                out.append(f.result())
+            except Exception as e:  # the caller decides what a failure means
+                out.append(e)
+        return out
+
+
+class Sampler:
+    """Calls ``sample`` every ``interval`` seconds in a thread until stopped."""
+
+    def __init__(self, sample: Callable[[], Any], interval: float) -> None:
+        self.samples: list[Any] = []
+        self._sample = sample
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._sample())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2
+) -> float:
+    """Seconds until ``check()`` held; AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout} s")

@@ -1,0 +1,130 @@
+"""Fixtures of the cluster scenario's tests (helpers in cluster.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cluster import (
+    GATEWAYS,
+    GPU_HOSTS,
+    REDIS,
+    Cluster,
+    address,
+    inventory,
+    wait_until,
+)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One backend of the gateways' config, and the vLLM unit behind it."""
+
+    name: str
+    model: str
+    host: str
+    port: int
+    unit: str
+
+    def as_config(self) -> dict[str, Any]:
+        return {"name": self.name, "host": self.host, "port": self.port}
+
+
+@pytest.fixture(scope="session")
+def cluster(host) -> Cluster:
+    names = (*GPU_HOSTS, *GATEWAYS, REDIS)
+    return Cluster(
+        {n: host.get_host(f"ansible://{n}", ansible_inventory=inventory()) for n in names}
+    )
+
+
+@pytest.fixture(scope="session")
+def backends(cluster: Cluster) -> dict[str, list[BackendInfo]]:
+    """Every model's backends as the first gateway's config lists them, each with the
+    systemd unit of the vLLM listening on its port (asked of its host)."""
+    config = cluster.gateway_config(GATEWAYS[0])
+    by_address = {address(h): h for h in GPU_HOSTS}
+    out: dict[str, list[BackendInfo]] = {}
+    for model in config["models"]:
+        for b in model["backends"]:
+            host = by_address.get(b["host"], b["host"])
+            assert host in GPU_HOSTS, (b, by_address)
+            pid = cluster.run(
+                host, f"ss -ltnpH 'sport = :{b['port']}' | grep -o 'pid=[0-9]*' | head -1"
+            ).strip()
+            unit = cluster.run(host, f"ps -o unit= -p {pid.removeprefix('pid=')}").strip()
+            assert unit.startswith("vllm"), (b, unit)
+            info = BackendInfo(b["name"], model["name"], host, int(b["port"]), unit)
+            out.setdefault(model["name"], []).append(info)
+    return out
+
+
+@pytest.fixture(scope="session")
+def extra_gateway(cluster: Cluster):
+    """Start another gateway process on a gateway host (the first by default), from that
+    host's config with ``overrides`` (another routing policy, fewer backends, another Redis
+    failure mode), listening on ``port`` of the host's address; yields a function returning
+    its URL. Each is stopped at the end of the session."""
+    started: list[tuple[str, str]] = []
+    py = "/opt/llm-proxy/venv/bin/python"
+
+    def start(name: str, port: int, overrides: dict[str, Any], on: str = GATEWAYS[0]) -> str:
+        config = cluster.gateway_config(on)
+        config.update(overrides)
+        config.update(
+            fastapi_host="0.0.0.0",
+            fastapi_port=port,
+            state_dir=f"/var/lib/llmhost-test/{name}",
+        )
+        path = f"/var/lib/llmhost-test/{name}.json"  # JSON is YAML
+        cluster.run(on, "mkdir -p /var/lib/llmhost-test")
+        cluster.run_stdin(on, ["tee", path], json.dumps(config))
+        unit = f"llmhost-test-{name}"
+        cluster.run(on, f"systemd-run --unit {unit} {py} -m proxy_app --config {path}")
+        started.append((on, unit))
+        url = f"http://{address(on)}:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60, f"the {name} gateway")
+        return url
+
+    yield start
+    for on, unit in started:
+        cluster.hosts[on].run(f"systemctl stop {unit}")
+
+
+def _key(name: str) -> str:
+    """A key the scenario's inventory generated into .cache/demo/ (see host_vars)."""
+    cache = Path(os.environ["LLMHOST_CACHE_DIR"]) / "demo"
+    return "sk-" + (cache / name).read_text().split()[0]
+
+
+@pytest.fixture(scope="session")
+def keys() -> dict[str, str]:
+    """The test keys by user: user (no limit), limited (concurrency 3, QPS 5), quota100
+    (100 tokens in total), shared4 (concurrency 4)."""
+    return {u: _key(f"cluster-{u}-key") for u in ("user", "limited", "quota100", "shared4")}
+
+
+@pytest.fixture(scope="session")
+def user_key(keys: dict[str, str]) -> str:
+    return keys["user"]
+
+
+@pytest.fixture(scope="session")
+def admin_key() -> str:
+    return _key("admin-key")

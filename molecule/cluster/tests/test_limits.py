@@ -1,0 +1,220 @@
+"""Limits and usage exact across two gateways sharing Redis: concurrency, QPS and a token
+quota hold whichever gateway a request goes through; a gateway killed under load gives its
+slots back and loses no completed request's usage; with Redis stopped, `closed` answers 503
+and `local` admits each gateway its share, and the usage recorded meanwhile reaches Redis.
+
+Real requests from the controller to both gateways (the keys are the scenario's, see
+inventories/local-cluster); usage is read back through the admin API.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+from cluster import GATEWAYS, REDIS, Cluster, gateway_url, parallel, wait_until
+
+testinfra_hosts = ["ansible://llmhost-gw1"]
+
+
+def _long(max_tokens: int = 64) -> dict[str, Any]:
+    """A chat completion that keeps its concurrency slot for a while."""
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
+
+
+def _post(url: str, key: str, body: dict[str, Any], timeout: float = 120) -> httpx.Response:
+    with httpx.Client(timeout=timeout) as c:
+        return c.post(f"{url}/v1/chat/completions", json=body, headers=_auth(key))
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _usage(cluster: Cluster, admin_key: str, user: str) -> int:
+    """Total tokens the key of ``user`` has used, as the gateways' shared store says
+    (asked of a gateway on its host: /admin/ is not served to the controller)."""
+    port = cluster.gateway_port(GATEWAYS[1])
+    url = f"http://127.0.0.1:{port}/admin/usage?user={user}"
+    out = cluster.run_stdin(
+        GATEWAYS[1], ["curl", "-sf", "-H", "@-", url], f"Authorization: Bearer {admin_key}"
+    )
+    return sum(k["total_usage"]["total_tokens"] for k in json.loads(out)["data"])
+
+
+def _codes(responses: list[Any]) -> list[int | str]:
+    return [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in responses]
+
+
+def test_concurrency_3_holds_across_both_gateways(keys):
+    """Ten long requests at once, alternately through both gateways: three are admitted."""
+    urls = [gateway_url(gw) for gw in GATEWAYS]
+    for _ in range(2):
+        results = parallel(
+            [lambda k=k: _post(urls[k % 2], keys["limited"], _long()) for k in range(10)], 10
+        )
+        codes = _codes(results)
+        assert codes.count(200) == 3, codes
+        assert codes.count(429) == 7, codes
+        time.sleep(1.1)  # the QPS window of 5 is not what this test is about
+
+
+def test_qps_5_holds_across_both_gateways(keys):
+    """Twenty short requests as fast as three clients can send them (the key's concurrency
+    is 3), alternately through both gateways: in no second are more than five admitted."""
+    urls = [gateway_url(gw) for gw in GATEWAYS]
+    body = _long(1)
+    time.sleep(1.1)
+
+    def one(k: int) -> tuple[float, int]:
+        sent = time.monotonic()
+        return sent, _post(urls[k % 2], keys["limited"], body).status_code
+
+    results = parallel([lambda k=k: one(k) for k in range(20)], 3)
+    assert all(isinstance(r, tuple) for r in results), results
+    admitted = sorted(sent for sent, code in results if code == 200)
+    assert {code for _, code in results} == {200, 429}, results
+    # A request is admitted a few milliseconds after it is sent: windows of 0.95 s of
+    # sending time hold at most the 5 admitted within the limiter's second.
+    for i, t in enumerate(admitted):
+        within = [u for u in admitted[i:] if u < t + 0.95]
+        assert len(within) <= 5, [round(u - admitted[0], 3) for u in admitted]
+    assert len(admitted) >= 5, results
+
+
+def test_a_100_token_quota_ends_at_most_at_100_tokens(cluster: Cluster, keys, admin_key):
+    """20 concurrent requests of max_tokens 5 through both gateways against a 100-token
+    quota: the reservations admit only what fits, and the total used stays <= 100."""
+    urls = [gateway_url(gw) for gw in GATEWAYS]
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "ignore_eos": True,
+    }
+    results = parallel(
+        [lambda k=k: _post(urls[k % 2], keys["quota100"], body) for k in range(20)], 20
+    )
+    codes = _codes(results)
+    assert codes.count(200) >= 1, codes
+    assert set(codes) <= {200, 429}, codes
+    used = _usage(cluster, admin_key, "quota100")
+    served = sum(
+        r.json()["usage"]["total_tokens"]
+        for r in results
+        if isinstance(r, httpx.Response) and r.status_code == 200
+    )
+    assert used == served, (used, served)
+    assert used <= 100, (used, codes)
+
+
+def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
+    cluster: Cluster, keys, admin_key
+):
+    """Three long requests of the concurrency-3 key through gw1, which is then killed with
+    SIGKILL: the slots it held are refused to gw2 until their lease expires (the request
+    timeout + 60 s), then admitted again. Meanwhile steady traffic of another key through
+    both gateways: every request that completed is in the shared usage."""
+    gw1, gw2 = (gateway_url(gw) for gw in GATEWAYS)
+    before = _usage(cluster, admin_key, "user")
+    completed: list[int] = []
+    done = threading.Event()
+
+    def steady() -> None:
+        k = 0
+        while not done.is_set():
+            try:
+                r = _post((gw1, gw2)[k % 2], keys["user"], _long(4), timeout=30)
+                if r.status_code == 200:
+                    completed.append(r.json()["usage"]["total_tokens"])
+            except httpx.HTTPError:
+                pass  # the killed gateway's requests: not completed, nothing to find
+            k += 1
+
+    runner = threading.Thread(target=steady, daemon=True)
+    runner.start()
+    holders = [
+        threading.Thread(
+            target=_post,
+            args=(gw1, keys["limited"], _long(2000)),
+            kwargs={"timeout": 60},
+            daemon=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        time.sleep(1.1)
+        for t in holders:
+            t.start()
+        time.sleep(3)
+        cluster.run(GATEWAYS[0], "systemctl kill -s KILL llm-proxy")
+        killed = time.monotonic()
+        refused = _post(gw2, keys["limited"], _long(1))
+        assert refused.status_code == 429, refused.text  # the dead gateway's slots
+        ttl = cluster.lease_ttl()
+        waited = wait_until(
+            lambda: _post(gw2, keys["limited"], _long(1)).status_code == 200,
+            ttl + 15,
+            "the dead gateway's slots back",
+            interval=2,
+        )
+        print(f"slots back {time.monotonic() - killed:.0f} s after the kill (lease {ttl} s)")
+        assert waited <= ttl + 15
+    finally:
+        done.set()
+        runner.join(60)
+    wait_until(lambda: cluster.active(GATEWAYS[0], "llm-proxy"), 60, "gw1 restarted")
+    assert completed
+    assert _usage(cluster, admin_key, "user") - before >= sum(completed)
+
+
+def test_with_redis_stopped_closed_refuses_and_local_serves_its_share(
+    cluster: Cluster, keys, admin_key, extra_gateway
+):
+    """The scenario's gateways run `redis_failure_mode: closed`; two more gateways (one
+    per gateway host) run `local` with gateway_count 2. Redis stopped: the closed ones
+    answer 503 in OpenAI's shape; each local one admits 2 of a concurrency-4 key (its
+    share, never 4); what the local ones charged is in Redis once it is back."""
+    local = [
+        extra_gateway(
+            f"local-{i}", 8110 + i, {"redis_failure_mode": "local", "gateway_count": 2}, on=gw
+        )
+        for i, gw in enumerate(GATEWAYS)
+    ]
+    # The local gateways read the key's quota usage while Redis is up (a quota they have
+    # never read is refused in local mode).
+    for url in local:
+        assert _post(url, keys["shared4"], _long(1)).status_code == 200
+    before = _usage(cluster, admin_key, "shared4")
+    cluster.run(REDIS, "systemctl stop redis-server")
+    served: list[int] = []
+    try:
+        r = _post(gateway_url(GATEWAYS[0]), keys["user"], _long(1))
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "limit_store_unavailable"
+        for url in local:
+            results = parallel([lambda url=url: _post(url, keys["shared4"], _long())] * 4, 4)
+            codes = _codes(results)
+            assert codes.count(200) == 2, codes
+            served += [
+                r.json()["usage"]["total_tokens"]
+                for r in results
+                if isinstance(r, httpx.Response) and r.status_code == 200
+            ]
+    finally:
+        cluster.run(REDIS, "systemctl start redis-server")
+    wait_until(
+        lambda: _usage(cluster, admin_key, "shared4") - before >= sum(served),
+        60,
+        "the local gateways' usage in Redis",
+        interval=2,
+    )
+    assert _usage(cluster, admin_key, "shared4") - before == sum(served)

@@ -1,0 +1,373 @@
+"""Two gpu hosts behind two gateways as one endpoint: a model goes only where it is served,
+conversations keep their backend (and its prefix cache) from either gateway, a hot prefix
+does not pile onto one host, and a killed vLLM costs no request sent after it was noticed.
+
+Real requests from the controller to both gateways' nginx; the figures are vLLM's own
+counters (prefix cache, finished requests) and the gateways' metrics.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import pytest
+from cluster import (
+    GATEWAYS,
+    Cluster,
+    Sampler,
+    chat,
+    gateway_url,
+    metric_sum,
+    parallel,
+    wait_until,
+)
+
+testinfra_hosts = ["ansible://llmhost-gw1"]
+
+# --- a model goes only to its own backends ---------------------------------------------
+
+
+def test_a_model_is_served_only_by_the_host_serving_it(cluster: Cluster, user_key, backends):
+    other = backends["other"]
+    assert len(other) == 1, other  # the second model has one instance, on gpu1
+    everyone = [b for bs in backends.values() for b in bs]
+
+    def finished(b) -> float:
+        return metric_sum(cluster.vllm_metrics(b), "vllm:request_success_total")
+
+    before = {b.name: finished(b) for b in everyone}
+    for i, gw in enumerate(GATEWAYS * 4):
+        body = {
+            "model": "other",
+            "messages": [{"role": "user", "content": f"hi {i}"}],
+            "max_tokens": 2,
+        }
+        r = chat(gateway_url(gw), user_key, body)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "other"
+    after = {b.name: finished(b) for b in everyone}
+    assert after[other[0].name] - before[other[0].name] == 8
+    for b in everyone:
+        if b is not other[0]:
+            assert after[b.name] == before[b.name], b.name
+
+
+def test_the_model_list_has_both_models_from_either_gateway(user_key):
+    import httpx
+
+    for gw in GATEWAYS:
+        r = httpx.get(
+            f"{gateway_url(gw)}/v1/models",
+            headers={"Authorization": f"Bearer {user_key}"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        ids = sorted(m["id"] for m in r.json()["data"])
+        assert ids == ["other", "tiny"]
+        # vLLM's own entries, with its max_model_len, not a stand-in
+        assert all("max_model_len" in m for m in r.json()["data"])
+
+
+def test_an_unknown_model_is_404_model_not_found(user_key):
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
+    r = chat(gateway_url(GATEWAYS[1]), user_key, body)
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+
+
+# --- prefix affinity ---------------------------------------------------------------------
+
+# The workload, in the regime where routing matters (as the anchors' benchmarks choose
+# theirs): 40 conversations of 3 turns, each with its own system prompt of about 600 tokens
+# (the tiny tokenizer makes about one token per 1.5 characters), so about 28,000 prompt
+# tokens of distinct prefixes in all. Each gpu host's KV cache holds 20 MiB, 20,480 tokens of
+# the tiny model (2 layers x K and V x 2 KV heads x 32 dims x 4 bytes = 1 KiB a token):
+# one host's half of the prefixes fits, all of them do not. Round robin sends every
+# conversation's turns to both hosts, so each host must keep all 40 prefixes and the LRU
+# cache evicts each before its next turn; prefix routing keeps each conversation on one
+# host, whose cache then holds it. Turns go out in a shuffled order, one at a time per
+# gateway (bounded load never has a reason to spill), alternating the two gateways.
+CONVERSATIONS = 40
+TURNS = 3
+_WORDS = [
+    "amber",
+    "basalt",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "granite",
+    "harbor",
+    "island",
+    "juniper",
+    "kelp",
+    "lagoon",
+    "meadow",
+    "nectar",
+    "orchard",
+    "prairie",
+    "quartz",
+    "river",
+    "summit",
+    "tundra",
+    "upland",
+    "valley",
+    "willow",
+    "xenon",
+    "yarrow",
+    "zephyr",
+    "anchor",
+    "beacon",
+    "canyon",
+    "dune",
+    "estuary",
+    "forest",
+    "glacier",
+    "heath",
+    "inlet",
+    "jetty",
+    "knoll",
+    "ledge",
+]
+
+
+def _system_prompt(phase: str, i: int) -> str:
+    rng = random.Random(f"{phase}-{i}")
+    return f"[{phase} {i}] " + " ".join(rng.choice(_WORDS) for _ in range(140))
+
+
+def _turn(phase: str, i: int, turn: int) -> dict[str, Any]:
+    messages = [
+        {"role": "system", "content": _system_prompt(phase, i)},
+        {"role": "user", "content": f"First question of conversation {i}?"},
+    ]
+    for t in range(1, turn + 1):
+        messages.append({"role": "assistant", "content": f"Answer {t} of conversation {i}."})
+        messages.append({"role": "user", "content": f"Question {t + 1} of conversation {i}?"})
+    return {"model": "tiny", "messages": messages, "max_tokens": 1}
+
+
+def _run_workload(urls: list[str], key: str, phase: str, conversations: int) -> list[str]:
+    """Every turn of every conversation, each round of turns in a shuffled order; request k
+    through urls[k % len(urls)], one request at a time per URL. The request ids, in order
+    (turn by turn, conversation by conversation)."""
+    ids: dict[tuple[int, int], str] = {}
+    for turn in range(TURNS):
+        order = list(range(conversations))
+        random.Random(f"{phase}-order-{turn}").shuffle(order)
+        lanes = [order[k :: len(urls)] for k in range(len(urls))]
+
+        def lane(k: int, convs: list[int], turn: int = turn) -> None:
+            for i in convs:
+                r = chat(urls[k], key, _turn(phase, i, turn))
+                assert r.status_code == 200, r.text
+                ids[(i, turn)] = r.headers["x-request-id"]
+
+        for result in parallel(
+            [lambda k=k, c=c: lane(k, c) for k, c in enumerate(lanes)], len(lanes)
+        ):
+            if isinstance(result, Exception):
+                raise result
+    return [ids[(i, t)] for t in range(TURNS) for i in range(conversations)]
+
+
+def _prefix_counters(cluster: Cluster, instances) -> tuple[float, float]:
+    queries = hits = 0.0
+    for b in instances:
+        m = cluster.vllm_metrics(b)
+        queries += metric_sum(m, "vllm:prefix_cache_queries_total")
+        hits += metric_sum(m, "vllm:prefix_cache_hits_total")
+    return queries, hits
+
+
+def _hit_rate(cluster: Cluster, instances, run) -> float:
+    q0, h0 = _prefix_counters(cluster, instances)
+    run()
+    q1, h1 = _prefix_counters(cluster, instances)
+    assert q1 > q0, "vLLM counted no prefix cache queries: is prefix caching on?"
+    return (h1 - h0) / (q1 - q0)
+
+
+@pytest.fixture(scope="module")
+def affinity(cluster: Cluster, user_key, backends, extra_gateway):
+    """The three runs of the workload and what they measured (shared by the tests below)."""
+    tiny = backends["tiny"]
+    assert len(tiny) == 2, tiny
+    single = extra_gateway(
+        "single",
+        8101,
+        {
+            "routing": {"policy": "prefix"},
+            "models": [{"name": "tiny", "backends": [tiny[1].as_config()]}],
+        },
+    )
+    round_robin = extra_gateway("round-robin", 8102, {"routing": {"policy": "round_robin"}})
+    half = CONVERSATIONS // 2
+    one_host = _hit_rate(
+        cluster, tiny, lambda: _run_workload([single, single], user_key, "single", half)
+    )
+    urls = [gateway_url(gw) for gw in GATEWAYS]
+    ids: list[str] = []
+
+    def prefix_run() -> None:
+        ids.extend(_run_workload(urls, user_key, "prefix", CONVERSATIONS))
+
+    by_prefix = _hit_rate(cluster, tiny, prefix_run)
+    rr = _hit_rate(
+        cluster, tiny, lambda: _run_workload([round_robin] * 2, user_key, "rr", CONVERSATIONS)
+    )
+    backend_of = cluster.request_backends(ids)
+    rates = {"one_host": one_host, "prefix": by_prefix, "round_robin": rr}
+    print(f"prefix cache hit rates: {rates}")
+    return rates, ids, backend_of
+
+
+def test_prefix_routing_keeps_the_cache_hit_rate_of_one_host(affinity):
+    rates, _, _ = affinity
+    # One host serving the half of the conversations it gets in the cluster: the rate the
+    # cluster would reach if spreading the conversations over two hosts lost nothing.
+    assert rates["prefix"] >= 0.9 * rates["one_host"], rates
+
+
+def test_prefix_routing_beats_round_robin_by_half_again(affinity):
+    rates, _, _ = affinity
+    assert rates["prefix"] >= 1.5 * rates["round_robin"], rates
+
+
+def test_a_conversation_lands_on_the_same_backend_from_either_gateway(affinity):
+    _, ids, backend_of = affinity
+    assert len(backend_of) == len(ids), "a request is missing from the gateways' logs"
+    same = 0
+    for i in range(CONVERSATIONS):
+        turns = [backend_of[ids[t * CONVERSATIONS + i]] for t in range(TURNS)]
+        home = max(set(turns), key=turns.count)
+        same += turns.count(home)
+    assert same / len(ids) >= 0.99, same
+    # ...and the conversations are spread over both hosts, not all on one.
+    assert len(set(backend_of.values())) == 2
+
+
+# --- load guard ----------------------------------------------------------------------------
+
+
+def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, backends):
+    """80% of the requests share one system prompt: its backend takes no more than
+    (1 + epsilon) x the mean while the other has room. 24 clients (12 per gateway) of
+    streamed 48-token answers keep both busy; the in-flight counts of both gateways are
+    summed per backend and averaged over the run."""
+    tiny = backends["tiny"]
+    hot = "You are the hot prefix. " + " ".join(["steady"] * 120)
+    rng = random.Random(7)
+    bodies = []
+    for n in range(144):
+        system = hot if rng.random() < 0.8 else f"cold {n} " + " ".join(["calm"] * 120)
+        bodies.append(
+            {
+                "model": "tiny",
+                "max_tokens": 48,
+                "ignore_eos": True,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"n={n}"},
+                ],
+            }
+        )
+
+    def in_flight() -> dict[str, float]:
+        total = dict.fromkeys((b.name for b in tiny), 0.0)
+        for gw in GATEWAYS:
+            m = cluster.gateway_metrics(gw)
+            for b in tiny:
+                total[b.name] += metric_sum(m, "gateway_backend_in_flight", backend=b.name)
+        return total
+
+    urls = [gateway_url(gw) for gw in GATEWAYS]
+    calls = [lambda k=k, b=b: chat(urls[k % 2], user_key, b) for k, b in enumerate(bodies)]
+    with Sampler(in_flight, 0.3) as sampler:
+        results = parallel(calls, 24)
+    assert all(not isinstance(r, Exception) and r.status_code == 200 for r in results), [
+        r if isinstance(r, Exception) else r.text
+        for r in results
+        if isinstance(r, Exception) or r.status_code != 200
+    ][:3]
+    # The middle of the run, where all 24 clients are busy (not the ramp up and down).
+    busy = sampler.samples[len(sampler.samples) // 5 : -len(sampler.samples) // 5]
+    assert len(busy) >= 5, sampler.samples
+    mean = {name: sum(s[name] for s in busy) / len(busy) for name in busy[0]}
+    print(f"mean in flight per backend: {mean}")
+    assert max(mean.values()) / max(min(mean.values()), 0.01) <= 1.5, mean
+
+
+# --- failover ----------------------------------------------------------------------------
+
+
+def test_a_killed_vllm_costs_no_request_sent_two_seconds_later(
+    cluster: Cluster, user_key, backends
+):
+    """10 requests a second through both gateways while vLLM on gpu2 is killed (SIGKILL):
+    requests sent from 2 s after the kill all succeed; both gateways mark it down within
+    2 s; once its /health answers again (systemd restarts it), both take it back within 5 s."""
+    victim = next(b for b in backends["tiny"] if b.host == "llmhost-gpu2")
+    urls = [gateway_url(gw) for gw in GATEWAYS]
+    outcomes: list[tuple[float, int | str]] = []
+    done = threading.Event()
+
+    def load() -> None:
+        k = 0
+        start = time.monotonic()
+        while not done.is_set():
+            sent = time.monotonic()
+            body = {
+                "model": "tiny",
+                "max_tokens": 2,
+                "messages": [
+                    {"role": "system", "content": f"failover {k % 17}"},
+                    {"role": "user", "content": "hi"},
+                ],
+            }
+            try:
+                code: int | str = chat(urls[k % 2], user_key, body, timeout=30).status_code
+            except Exception as e:
+                code = repr(e)
+            outcomes.append((sent, code))
+            k += 1
+            time.sleep(max(0.0, start + k * 0.1 - time.monotonic()))
+
+    runner = threading.Thread(target=load, daemon=True)
+    runner.start()
+    try:
+        time.sleep(3)
+        killed = time.monotonic()
+        cluster.run(victim.host, f"systemctl kill -s KILL {victim.unit}")
+        for gw in GATEWAYS:
+            wait_until(lambda gw=gw: cluster.backend_up(gw, victim.name) == 0, 10, f"{gw}: down")
+            assert time.monotonic() - killed <= 2.0, f"{gw} took longer than 2 s to mark it down"
+        wait_until(lambda: cluster.vllm_health(victim), 600, "vLLM back", interval=0.5)
+        for gw in GATEWAYS:
+            back = wait_until(
+                lambda gw=gw: cluster.backend_up(gw, victim.name) == 1, 5, f"{gw}: back"
+            )
+            print(f"{gw}: back in rotation {back:.1f} s after /health answered")
+        time.sleep(2)
+    finally:
+        done.set()
+        runner.join(60)
+    late = [(t, c) for t, c in outcomes if t >= killed + 2.0]
+    failed = [(round(t - killed, 2), c) for t, c in late if c != 200]
+    assert late and not failed, failed
+
+
+def test_vllm_answers_the_gateways_and_nobody_else(cluster: Cluster, backends):
+    """Off the gateway hosts vLLM listens on its private address behind the host
+    firewall: the controller (another machine on the same network) gets no connection,
+    the gateway hosts get /health."""
+    import httpx
+    from cluster import address
+
+    for b in (b for bs in backends.values() for b in bs):
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://{address(b.host)}:{b.port}/health", timeout=3)
+        assert cluster.vllm_health(b), b
