@@ -39,7 +39,7 @@ class BackendInfo:
         return {"name": self.name, "host": self.host, "port": self.port}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(host) -> Cluster:
     names = (*GPU_HOSTS, *GATEWAYS, REDIS)
     return Cluster(
@@ -47,7 +47,7 @@ def cluster(host) -> Cluster:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def backends(cluster: Cluster) -> dict[str, list[BackendInfo]]:
     """Every model's backends as the first gateway's config lists them, each with the
     systemd unit of the vLLM listening on its port (asked of its host)."""
@@ -68,12 +68,12 @@ def backends(cluster: Cluster) -> dict[str, list[BackendInfo]]:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def extra_gateway(cluster: Cluster):
     """Start another gateway process on a gateway host (the first by default), from that
     host's config with ``overrides`` (another routing policy, fewer backends, another Redis
     failure mode), listening on ``port`` of the host's address; yields a function returning
-    its URL. Each is stopped at the end of the session."""
+    its URL. Each is stopped at the end of the test module."""
     started: list[tuple[str, str]] = []
     py = "/opt/llm-proxy/venv/bin/python"
 

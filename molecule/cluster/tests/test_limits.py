@@ -20,8 +20,9 @@ from cluster import GATEWAYS, REDIS, Cluster, gateway_url, parallel, wait_until
 testinfra_hosts = ["ansible://llmhost-gw1"]
 
 
-def _long(max_tokens: int = 64) -> dict[str, Any]:
-    """A chat completion that keeps its concurrency slot for a while."""
+def _long(max_tokens: int = 600) -> dict[str, Any]:
+    """A chat completion that keeps its concurrency slot for seconds (600 tokens on the
+    CPU; the context is 1,024)."""
     return {
         "model": "tiny",
         "messages": [{"role": "user", "content": "count"}],
@@ -144,7 +145,7 @@ def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
     holders = [
         threading.Thread(
             target=_post,
-            args=(gw1, keys["limited"], _long(2000)),
+            args=(gw1, keys["limited"], _long(900)),
             kwargs={"timeout": 60},
             daemon=True,
         )
