@@ -123,14 +123,20 @@ class Cluster:
         self.hosts = hosts
 
     def run(self, name: str, command: str, *args: Any) -> str:
-        result = self.hosts[name].run(command, *args)
+        """A command as root on the host (the tests stop units and read journals)."""
+        host = self.hosts[name]
+        with host.sudo():
+            result = host.run(command, *args)
         assert result.rc == 0, (name, command, result.stdout, result.stderr)
         return result.stdout
 
     def run_stdin(self, name: str, argv: list[str], stdin: str) -> str:
         """argv on the host with ``stdin`` as its input (secrets stay off command lines)."""
         result = self.hosts[name].ansible(
-            "ansible.builtin.command", json.dumps({"argv": argv, "stdin": stdin}), check=False
+            "ansible.builtin.command",
+            json.dumps({"argv": argv, "stdin": stdin}),
+            check=False,
+            become=True,
         )
         assert result.get("rc") == 0, (name, argv, result)
         return result["stdout"]
@@ -185,9 +191,16 @@ class Cluster:
         return found
 
 
+# One client for every request of the tests: creating one per request (httpx.post) costs
+# enough on the controller that requests sent "at once" from threads reached the gateways
+# seconds apart (measured), and a concurrency test then proves nothing.
+CLIENT = httpx.Client(
+    timeout=120, limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
+)
+
+
 def chat(url: str, key: str, body: dict[str, Any], timeout: float = 120) -> httpx.Response:
-    with httpx.Client(timeout=timeout) as c:
-        return c.post(f"{url}/v1/chat/completions", json=body, headers=_auth(key))
+    return CLIENT.post(f"{url}/v1/chat/completions", json=body, headers=_auth(key), timeout=timeout)
 
 
 def _auth(key: str) -> dict[str, str]:

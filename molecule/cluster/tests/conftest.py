@@ -104,7 +104,8 @@ def extra_gateway(cluster: Cluster):
 
     yield start
     for on, unit in started:
-        cluster.hosts[on].run(f"systemctl stop {unit}")
+        with cluster.hosts[on].sudo():
+            cluster.hosts[on].run(f"systemctl stop {unit}")
 
 
 def _key(name: str) -> str:

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import httpx
-from cluster import GATEWAYS, REDIS, Cluster, gateway_url, parallel, wait_until
+from cluster import GATEWAYS, REDIS, Cluster, chat, gateway_url, parallel, wait_until
 
 testinfra_hosts = ["ansible://llmhost-gw1"]
 
@@ -32,12 +32,7 @@ def _long(max_tokens: int = 600) -> dict[str, Any]:
 
 
 def _post(url: str, key: str, body: dict[str, Any], timeout: float = 120) -> httpx.Response:
-    with httpx.Client(timeout=timeout) as c:
-        return c.post(f"{url}/v1/chat/completions", json=body, headers=_auth(key))
-
-
-def _auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+    return chat(url, key, body, timeout)
 
 
 def _usage(cluster: Cluster, admin_key: str, user: str) -> int:
