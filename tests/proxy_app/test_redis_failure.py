@@ -165,3 +165,16 @@ def test_local_mode_refuses_a_quota_it_never_read(
     # Nor does a gateway start without its Redis, local mode or not.
     with pytest.raises(RuntimeError, match="exited"):
         gateway_factory(fake, name="late", **local)
+
+
+def test_a_redis_restart_costs_no_request(own_redis: OwnRedis, fake: Upstream, gateway_factory):
+    """Redis restarted between two requests: every pooled connection of the gateway is
+    dead, and the next requests still succeed (a dead connection is noticed before use, or
+    the command is sent again on a new one). Without that the first ones got 503."""
+    gw = gateway_factory(fake, keys=keys_with(concurrent=8, qps=100), redis_url=own_redis.url)
+    for _ in range(4):
+        assert _post(gw).status_code == 200
+    own_redis.stop()
+    own_redis.start()
+    codes = [_post(gw).status_code for _ in range(8)]
+    assert codes == [200] * 8, codes
