@@ -141,6 +141,13 @@ class Cluster:
         assert result.get("rc") == 0, (name, argv, result)
         return result["stdout"]
 
+    def redis(self, *args: str) -> str:
+        """redis-cli on the Redis host, the password on its standard input (not argv)."""
+        password = Path(os.environ["LLMHOST_CACHE_DIR"]) / "demo" / "redis-password"
+        script = 'read -r REDISCLI_AUTH; export REDISCLI_AUTH; exec redis-cli "$@"'
+        argv = ["sh", "-c", script, "redis-cli", *args]
+        return self.run_stdin(REDIS, argv, password.read_text().split()[0])
+
     def active(self, name: str, unit: str) -> bool:
         return self.hosts[name].run(f"systemctl is-active {unit}").stdout.strip() == "active"
 

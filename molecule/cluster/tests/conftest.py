@@ -50,7 +50,7 @@ def cluster(host) -> Cluster:
 @pytest.fixture(scope="module")
 def backends(cluster: Cluster) -> dict[str, list[BackendInfo]]:
     """Every model's backends as the first gateway's config lists them, each with the
-    systemd unit of the vLLM listening on its port (asked of its host)."""
+    systemd unit of the vLLM started with its port (asked of its host)."""
     config = cluster.gateway_config(GATEWAYS[0])
     by_address = {address(h): h for h in GPU_HOSTS}
     out: dict[str, list[BackendInfo]] = {}
@@ -58,10 +58,12 @@ def backends(cluster: Cluster) -> dict[str, list[BackendInfo]]:
         for b in model["backends"]:
             host = by_address.get(b["host"], b["host"])
             assert host in GPU_HOSTS, (b, by_address)
-            pid = cluster.run(
-                host, f"ss -ltnpH 'sport = :{b['port']}' | grep -o 'pid=[0-9]*' | head -1"
-            ).strip()
-            unit = cluster.run(host, f"ps -o unit= -p {pid.removeprefix('pid=')}").strip()
+            units = cluster.run(host, "systemctl list-units 'vllm*' --plain --no-legend")
+            unit = next(
+                u
+                for u in (line.split()[0] for line in units.splitlines() if line.strip())
+                if f"--port {b['port']} " in cluster.run(host, f"systemctl show -p ExecStart {u}")
+            )
             assert unit.startswith("vllm"), (b, unit)
             info = BackendInfo(b["name"], model["name"], host, int(b["port"]), unit)
             out.setdefault(model["name"], []).append(info)
