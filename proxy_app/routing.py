@@ -15,8 +15,9 @@ Policies (``routing.policy``):
 * ``round_robin``: each backend in turn.
 
 Health: every backend's ``/health`` is probed every ``health_interval`` seconds; a backend
-that refuses a connection is marked down at once (passive ejection) and comes back with its
-next good probe. Only backends marked up are chosen while the model has one; when none is,
+that refuses a connection (to a request or a probe) is marked down at once (passive
+ejection), one whose probe times out or fails three times in a row too, and it comes back
+with its next good probe. Only backends marked up are chosen while the model has one; when none is,
 each is tried in turn, and the request gets 503 when all refuse. A request that could not be
 sent at all (connection refused) is tried on the next backend; one whose bytes reached a
 backend is never sent again (proxy.py).
@@ -37,18 +38,20 @@ from .config import Config, Routing, Timeouts
 from .errors import ApiError
 from .logs import JsonLog
 from .metrics import Metrics
-from .upstream import UpstreamError, UpstreamPool
+from .upstream import UpstreamError, UpstreamPool, UpstreamUnavailable
 
 # A backend that serves whatever model is asked (the config names no models): the model
 # list is vLLM's, and vLLM answers unknown models itself.
 ANY_MODEL = ""
+# Probes in a row that time out (or answer other than 200) before a backend is taken out.
+UNHEALTHY_AFTER = 3
 
 
 class Backend:
     """One vLLM server: its connections, health and load as this gateway sees them."""
 
-    __slots__ = ("_decisions", "_in_flight", "_requests", "_up", "in_flight", "model", "name",
-                 "pool", "salt", "up")  # fmt: skip
+    __slots__ = ("_decisions", "_in_flight", "_requests", "_up", "failures", "in_flight", "model",
+                 "name", "pool", "salt", "up")  # fmt: skip
 
     def __init__(self, name: str, model: str, pool: UpstreamPool, metrics: Metrics) -> None:
         self.name = name
@@ -59,6 +62,7 @@ class Backend:
         # Up until shown otherwise: a gateway started beside a loading vLLM must not refuse
         # the first requests for a probe interval (a refused connection marks it down).
         self.up = True
+        self.failures = 0  # probes in a row that timed out or did not answer 200
         label = model or "*"
         self._requests = metrics.backend_requests.labels(name, label)
         self._in_flight = metrics.backend_in_flight.labels(name, label)
@@ -239,8 +243,15 @@ class Router:
         self._update_up()
 
     async def probe(self, backend: Backend) -> bool:
-        """Ask one backend's /health; updates its state."""
-        timeout = max(1.0, self.settings.health_interval)
+        """Ask one backend's /health; updates its state.
+
+        A refused connection takes the backend out at once (nothing listens: it is down).
+        A slow or failed answer takes it out only at the third in a row: a vLLM busy with
+        a full batch can take seconds to answer /health on a loaded host, and ejecting it
+        for that would pile its load onto the others (seen in the cluster scenario).
+        """
+        timeout = max(2.0, 2 * self.settings.health_interval)
+        refused = False
         try:
             resp = await backend.pool.request(
                 "GET", "/health", first_byte_timeout=timeout, total_timeout=timeout + 1
@@ -250,13 +261,16 @@ class Router:
             error = f"/health answered {resp.status}"
         except UpstreamError as e:
             ok = False
+            refused = isinstance(e, UpstreamUnavailable)
             error = e.message
-        if backend.set_up(ok):
-            if ok:
+        backend.failures = 0 if ok else backend.failures + 1
+        up = ok or (backend.up and not refused and backend.failures < UNHEALTHY_AFTER)
+        if backend.set_up(up):
+            if up:
                 self.log.log("info", "backend_up", backend=backend.name)
             else:
                 self.log.log("warning", "backend_down", backend=backend.name, error=error)
-        return ok
+        return up
 
     async def probe_all(self) -> bool:
         """Probe every backend at once; True when every model has a backend up."""

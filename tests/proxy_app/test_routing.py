@@ -400,3 +400,46 @@ def test_when_no_backend_is_up_they_are_tried_anyway():
     with pytest.raises(ApiError) as refused:
         router.choose("m", "p", tried=[first, second])
     assert refused.value.status == 503 and refused.value.code == "upstream_unavailable"
+
+
+class _Answers:
+    """A stand-in pool whose /health answers what the test says (in-process: the probe's
+    decision is what is tested, not HTTP)."""
+
+    def __init__(self) -> None:
+        self.next: BaseException | int = 200
+
+    async def request(self, *args: object, **kwargs: object) -> _Answers:
+        if isinstance(self.next, BaseException):
+            raise self.next
+        return self
+
+    @property
+    def status(self) -> int:
+        assert isinstance(self.next, int)
+        return self.next
+
+    async def read(self) -> bytes:
+        return b""
+
+
+def test_a_slow_health_answer_ejects_only_at_the_third_in_a_row_a_refusal_at_once():
+    from proxy_app.upstream import UpstreamTimeout, UpstreamUnavailable
+
+    router = _router(n=2)
+    backend = router.backends[0]
+    answers = _Answers()
+    backend.pool = answers  # type: ignore[assignment]
+
+    def probe() -> bool:
+        return asyncio.run(router.probe(backend))
+
+    answers.next = UpstreamTimeout("slow")
+    assert probe() and probe()  # a busy vLLM: still in rotation
+    assert not probe()  # the third in a row: out
+    answers.next = 200
+    assert probe() and backend.up
+    answers.next = UpstreamTimeout("slow")
+    assert probe()  # the count starts again after a good answer
+    answers.next = UpstreamUnavailable("refused")
+    assert not probe() and not backend.up  # nothing listens: out at once
