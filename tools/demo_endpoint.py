@@ -1,8 +1,12 @@
-"""Print the demo endpoint after `make demo`, once a real completion went through it.
+"""Print the demo endpoint after `make demo` (or `make demo-cluster`), once a real
+completion went through it.
 
-Reads the first host of the `gpu` group of the local inventory, its address on
-the demo network, and the generated demo key; sends one chat completion with
-the official `openai` client; then prints the two lines to export.
+Reads the inventory's gateway hosts (the `gateway` group; the `gpu` hosts when it has
+none), their addresses on the demo network, and the generated demo key; sends one chat
+completion through every gateway with the official `openai` client; then prints the lines
+to export: OPENAI_BASE_URL (the first gateway), OPENAI_API_KEY, PROMETHEUS_URL (and
+GRAFANA_URL when Grafana is installed), and with several hosts GATEWAY_URLS (every
+gateway) and SERVING_HOSTS (every host, for `docker exec NAME systemctl ...`).
 """
 
 from __future__ import annotations
@@ -51,20 +55,24 @@ def main() -> int:
     args = parser.parse_args()
 
     groups = _groups(args.inventory)
-    if not groups.get("gpu"):
-        sys.exit(f"no host in the gpu group of {args.inventory}")
-    host = groups["gpu"][0]
-    base_url = f"http://{_address(host)}:{args.port}/v1"
+    gateways = groups.get("gateway") or groups.get("gpu")
+    if not gateways:
+        sys.exit(f"no host in the gateway or gpu group of {args.inventory}")
     key = "sk-" + (ROOT / ".cache" / "demo" / "demo-key").read_text().split()[0]
-    client = OpenAI(base_url=base_url, api_key=key, timeout=60, max_retries=0)
-    model = client.models.list().data[0].id
-    reply = client.chat.completions.create(
-        model=model, max_tokens=8, messages=[{"role": "user", "content": "Hello!"}]
-    )
-    print(
-        f"# {host}: {model} answered with {reply.usage.completion_tokens} tokens", file=sys.stderr
-    )
-    print(f"OPENAI_BASE_URL={base_url}")
+    urls = [f"http://{_address(host)}:{args.port}/v1" for host in gateways]
+    for host, base_url in zip(gateways, urls, strict=True):
+        client = OpenAI(base_url=base_url, api_key=key, timeout=60, max_retries=0)
+        model = client.models.list().data[0].id
+        reply = client.chat.completions.create(
+            model=model, max_tokens=8, messages=[{"role": "user", "content": "Hello!"}]
+        )
+        print(
+            f"# {host}: {model} answered with {reply.usage.completion_tokens} tokens",
+            file=sys.stderr,
+        )
+    print(f"OPENAI_BASE_URL={urls[0]}")
+    if len(urls) > 1 or groups.get("gateway"):
+        print(f"GATEWAY_URLS={','.join(urls)}")
     print(f"OPENAI_API_KEY={key}")
     for monitoring_host in groups.get("monitoring", [])[:1]:
         address = _address(monitoring_host)
@@ -79,6 +87,9 @@ def main() -> int:
                 "# Grafana: not installed on this host (grafana_install_source: none)",
                 file=sys.stderr,
             )
+    everyone = sorted({h for hosts in groups.values() for h in hosts})
+    if len(everyone) > 1:
+        print(f"SERVING_HOSTS={','.join(everyone)}")
     return 0
 
 
