@@ -182,6 +182,21 @@ class Cluster:
     def backend_up(self, gateway: str, backend: str) -> float:
         return metric_sum(self.gateway_metrics(gateway), "gateway_backend_up", backend=backend)
 
+    def in_flight_by_backend(self, backends: list[str]) -> dict[str, float]:
+        """Requests in flight to each backend, summed over both gateways, read in one
+        command on the monitoring host (nginx serves it both gateways' /metrics)."""
+        script = "; ".join(
+            f"curl -sf http://{gw}:{hostvars(gw).get('nginx_port', 8000)}/metrics; echo '#--'"
+            for gw in GATEWAYS
+        )
+        out = self.run(REDIS, script)
+        total = dict.fromkeys(backends, 0.0)
+        for part in out.split("#--")[: len(GATEWAYS)]:
+            samples = parse_metrics(part)
+            for b in backends:
+                total[b] += metric_sum(samples, "gateway_backend_in_flight", backend=b)
+        return total
+
     def request_backends(self, ids: list[str]) -> dict[str, str]:
         """request id -> the backend it went to, from the gateways' request log lines."""
         wanted = set(ids)

@@ -15,7 +15,16 @@ import time
 from typing import Any
 
 import httpx
-from cluster import GATEWAYS, REDIS, Cluster, chat, gateway_url, parallel, wait_until
+from cluster import (
+    CLIENT,
+    GATEWAYS,
+    REDIS,
+    Cluster,
+    chat,
+    gateway_url,
+    parallel,
+    wait_until,
+)
 
 testinfra_hosts = ["ansible://llmhost-gw1"]
 
@@ -162,11 +171,18 @@ def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
         time.sleep(1.1)
         for t in holders:
             t.start()
-        time.sleep(3)
+        # The three slots are held (through gw1) once gw2 refuses the key...
+        wait_until(
+            lambda: _post(gw2, keys["limited"], _long(1)).status_code == 429,
+            60,
+            "gw1's three requests holding the key's slots",
+            interval=0.5,
+        )
         cluster.run(GATEWAYS[0], "systemctl kill -s KILL llm-proxy")
         killed = time.monotonic()
+        # ...and stay held by the dead gateway.
         refused = _post(gw2, keys["limited"], _long(1))
-        assert refused.status_code == 429, refused.text  # the dead gateway's slots
+        assert refused.status_code == 429, refused.text
         ttl = cluster.lease_ttl()
         waited = wait_until(
             lambda: _post(gw2, keys["limited"], _long(1)).status_code == 200,
@@ -191,6 +207,14 @@ def test_with_redis_stopped_closed_refuses_and_local_serves_its_share(
     per gateway host) run `local` with gateway_count 2. Redis stopped: the closed ones
     answer 503 in OpenAI's shape; each local one admits 2 of a concurrency-4 key (its
     share, never 4); what the local ones charged is in Redis once it is back."""
+    # The scenario's gateways all up (a test before may have restarted one).
+    for gw in GATEWAYS:
+        wait_until(lambda gw=gw: cluster.active(gw, "llm-proxy"), 60, f"{gw} up")
+        wait_until(
+            lambda gw=gw: CLIENT.get(f"{gateway_url(gw)}/ready").status_code == 200,
+            60,
+            f"{gw} ready",
+        )
     local = [
         extra_gateway(
             f"local-{i}", 8110 + i, {"redis_failure_mode": "local", "gateway_count": 2}, on=gw

@@ -254,7 +254,7 @@ def test_a_conversation_lands_on_the_same_backend_from_either_gateway(affinity):
 
 
 def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, backends):
-    """80% of 288 requests share one system prompt: its backend takes no more than
+    """80% of 400 requests share one system prompt: its backend takes no more than
     (1 + epsilon) x the mean while the other has room. 24 clients (12 per gateway) of
     48-token answers keep both busy; the in-flight counts of both gateways are summed per
     backend and averaged over the middle of the run."""
@@ -262,7 +262,7 @@ def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, ba
     hot = "You are the hot prefix. " + " ".join(["steady"] * 120)
     rng = random.Random(7)
     bodies = []
-    for n in range(288):
+    for n in range(400):
         system = hot if rng.random() < 0.8 else f"cold {n} " + " ".join(["calm"] * 120)
         bodies.append(
             {
@@ -277,12 +277,7 @@ def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, ba
         )
 
     def in_flight() -> dict[str, float]:
-        total = dict.fromkeys((b.name for b in tiny), 0.0)
-        for gw in GATEWAYS:
-            m = cluster.gateway_metrics(gw)
-            for b in tiny:
-                total[b.name] += metric_sum(m, "gateway_backend_in_flight", backend=b.name)
-        return total
+        return cluster.in_flight_by_backend([b.name for b in tiny])
 
     urls = [gateway_url(gw) for gw in GATEWAYS]
     calls = [lambda k=k, b=b: chat(urls[k % 2], user_key, b) for k, b in enumerate(bodies)]
@@ -295,7 +290,7 @@ def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, ba
     ][:3]
     # The middle of the run, where all 24 clients are busy (not the ramp up and down).
     busy = sampler.samples[len(sampler.samples) // 5 : -len(sampler.samples) // 5]
-    assert len(busy) >= 5, sampler.samples
+    assert len(busy) >= 4, sampler.samples
     mean = {name: sum(s[name] for s in busy) / len(busy) for name in busy[0]}
     print(f"mean in flight per backend: {mean}")
     assert max(mean.values()) / max(min(mean.values()), 0.01) <= 1.5, mean
