@@ -50,7 +50,7 @@ UNHEALTHY_AFTER = 3
 class Backend:
     """One vLLM server: its connections, health and load as this gateway sees them."""
 
-    __slots__ = ("_decisions", "_in_flight", "_requests", "_up", "failures", "in_flight", "model",
+    __slots__ = ("_in_flight", "_requests", "_up", "failures", "in_flight", "model",
                  "name", "pool", "salt", "up")  # fmt: skip
 
     def __init__(self, name: str, model: str, pool: UpstreamPool, metrics: Metrics) -> None:

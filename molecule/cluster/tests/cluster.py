@@ -72,14 +72,17 @@ def gateway_url(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Instance:
-    """One vLLM instance on a gpu host."""
+class BackendInfo:
+    """One backend of the gateways' config, and the vLLM unit behind it."""
 
-    host: str
     name: str
     model: str
+    host: str
     port: int
     unit: str
+
+    def as_config(self) -> dict[str, Any]:
+        return {"name": self.name, "host": self.host, "port": self.port}
 
 
 def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -169,12 +172,12 @@ class Cluster:
         port = self.gateway_port(gateway)
         return parse_metrics(self.run(gateway, f"curl -sf http://127.0.0.1:{port}/metrics"))
 
-    def vllm_metrics(self, instance: Instance) -> dict:
+    def vllm_metrics(self, instance: BackendInfo) -> dict:
         """vLLM's own metrics, read from a gateway host (the firewall admits it)."""
         text = self.run(GATEWAYS[0], f"curl -sf http://{instance.host}:{instance.port}/metrics")
         return parse_metrics(text)
 
-    def vllm_health(self, instance: Instance) -> bool:
+    def vllm_health(self, instance: BackendInfo) -> bool:
         url = f"http://{instance.host}:{instance.port}/health"
         out = self.hosts[GATEWAYS[0]].run(f"curl -s -o /dev/null -w %{{http_code}} -m 2 {url}")
         return out.stdout.strip() == "200"

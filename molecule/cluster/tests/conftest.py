@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +17,12 @@ from cluster import (
     GATEWAYS,
     GPU_HOSTS,
     REDIS,
+    BackendInfo,
     Cluster,
     address,
     inventory,
     wait_until,
 )
-
-
-@dataclass(frozen=True)
-class BackendInfo:
-    """One backend of the gateways' config, and the vLLM unit behind it."""
-
-    name: str
-    model: str
-    host: str
-    port: int
-    unit: str
-
-    def as_config(self) -> dict[str, Any]:
-        return {"name": self.name, "host": self.host, "port": self.port}
 
 
 @pytest.fixture(scope="module")
