@@ -17,12 +17,16 @@ description each), as prometheus-community does; this keeps them honest:
   the same type;
 - a default that is not a template is one of the option's `choices`, and a list
   default's items fit `elements`;
-- descriptions are present and no two options of a role share one.
+- descriptions are present and no two options of a role share one;
+- a variable the role reads of another host (`hostvars[h].name`, `hv.name`, or
+  `selectattr('name')` over extracted hostvars) is declared in its spec, so the
+  variables one role takes from the others are all written down.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,6 +73,29 @@ def _sets_fact(role: Path, name: str) -> bool:
 
 def _prefix(role: Path) -> str:
     return role.name + "_"
+
+
+# Reads of another host's variables: hostvars[h].name, hv.name (hv = hostvars[h]),
+# and (select|reject)attr('name') over `map('extract', hostvars)`.
+_HOSTVARS_READS = (
+    re.compile(r"hostvars\[(?:[^\[\]]|\[[^\]]*\])+\]\.(\w+)"),
+    re.compile(r"\bhv\.(\w+)"),
+    re.compile(r"extract', hostvars\)[\s|]*(?:\w+\('\w+'\)[\s|]*)*?(?:select|reject)attr\('(\w+)'"),
+)
+# Facts and connection variables: Ansible's, never a role's input.
+_NOT_INPUTS = ("ansible_", "inventory_", "group_names", "groups")
+
+
+def hostvars_reads(role: Path) -> set[str]:
+    """The variables a role reads of other hosts, from its tasks, vars and templates."""
+    names: set[str] = set()
+    for path in sorted(role.rglob("*")):
+        if path.suffix not in (".yml", ".j2") or not path.is_file():
+            continue
+        text = path.read_text()
+        for pattern in _HOSTVARS_READS:
+            names.update(pattern.findall(text))
+    return {n for n in names if not n.startswith(_NOT_INPUTS)}
 
 
 # Inventory-wide inputs, read by several roles of every host (see the module docstring).
@@ -145,6 +172,11 @@ def check_role(role: Path, all_options: dict[str, dict[str, dict[str, Any]]]) ->
                 )
         else:
             problems.append(f"{where}: {name} is neither this role's input nor another role's")
+    for name in sorted(hostvars_reads(role) - set(options)):
+        problems.append(
+            f"{where}: reads {name} of other hosts (hostvars) but does not declare it "
+            "in meta/argument_specs.yml"
+        )
     return problems
 
 

@@ -115,3 +115,37 @@ def test_inventory_wide_inputs_have_no_default_and_one_type(tmp_path, monkeypatc
     problems = _problems(tmp_path, monkeypatch)
     assert "roles/db: llmhost_private_address is inventory-wide: no default in a role" in problems
     assert any("different types" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        "{{ hostvars[item].db_port }}",
+        "{{ hostvars[groups['db'][0]].db_port }}",
+        "{% set hv = hostvars[h] %}{{ hv.db_port | default(5432) }}",
+        "{{ groups['db'] | map('extract', hostvars) | selectattr('db_port', 'defined') | list }}",
+    ],
+)
+def test_a_variable_read_of_other_hosts_must_be_declared(tmp_path, monkeypatch, read):
+    _role(tmp_path, "db", {"db_port": 5432}, {"db_port": {"type": "int", "description": "Port."}})
+    tasks = f'- ansible.builtin.debug:\n    msg: "{read}"\n'
+    _role(tmp_path, "web", {}, {}, tasks=tasks)
+    problems = _problems(tmp_path, monkeypatch)
+    assert any("reads db_port of other hosts" in p for p in problems), problems
+    # Declared (read from role db, no default here), it passes; facts never need declaring.
+    (tmp_path / "web" / "meta" / "argument_specs.yml").write_text(
+        yaml.safe_dump(
+            {
+                "argument_specs": {
+                    "main": {
+                        "short_description": "web",
+                        "options": {"db_port": {"type": "int", "description": "Read of db."}},
+                    }
+                }
+            }
+        )
+    )
+    (tmp_path / "web" / "tasks" / "main.yml").write_text(
+        tasks + '- ansible.builtin.debug:\n    msg: "{{ hostvars[item].ansible_host }}"\n'
+    )
+    assert _problems(tmp_path, monkeypatch) == []

@@ -45,6 +45,8 @@ def _good_vars() -> dict:
         "vllm_host": "127.0.0.1",
         "llmhost_private_address": "10.0.0.9",
         "llm_proxy_redis_url": "redis://127.0.0.1:6379/0",
+        # These plays are written to a temporary folder, not the bundle's playbooks/.
+        "llm_proxy_source_dir": str(ROOT),
     }
 
 
@@ -106,6 +108,14 @@ CASES = {
         "grafana_admin_password is a placeholder",
     ),
     "grafana-short": ({"grafana_admin_password": "s3cret"}, "fewer than 12 characters"),
+    "source-not-the-bundle": (
+        {"llm_proxy_source_dir": "/tmp"},
+        "llm_proxy_source_dir is /tmp, which holds no gateway sources",
+    ),
+    "wheel-missing": (
+        {"llm_proxy_wheel_src": "/nonexistent/llmhost.whl"},
+        "llm_proxy_wheel_src is /nonexistent/llmhost.whl, which is not a file on the controller",
+    ),
     "grafana-source-choice": (
         {"grafana_install_source": "tarball"},
         "grafana_install_source must be one of: repository, deb, none",
@@ -185,7 +195,7 @@ def test_the_example_inventory_as_shipped_is_refused(tmp_path):
         tmp_path,
         "-e",
         f"ansible_connection=local ansible_python_interpreter={sys.executable}"
-        " llmhost_private_address=10.0.0.9",
+        f" llmhost_private_address=10.0.0.9 llm_proxy_source_dir={ROOT}",
     )
     gateway = " ".join(refusals["gpu01.example.internal"])
     for user in ("alice", "bob", "check"):
@@ -216,6 +226,6 @@ def test_the_example_inventory_works_once_its_placeholders_are_replaced(tmp_path
         tmp_path,
         "-e",
         f"ansible_connection=local ansible_python_interpreter={sys.executable}"
-        " llmhost_private_address=10.0.0.9",
+        f" llmhost_private_address=10.0.0.9 llm_proxy_source_dir={ROOT}",
     )
     assert refusals == {}
