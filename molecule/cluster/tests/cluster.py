@@ -11,13 +11,14 @@ command run on a host that may.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -185,20 +186,28 @@ class Cluster:
     def backend_up(self, gateway: str, backend: str) -> float:
         return metric_sum(self.gateway_metrics(gateway), "gateway_backend_up", backend=backend)
 
-    def in_flight_by_backend(self, backends: list[str]) -> dict[str, float]:
-        """Requests in flight to each backend, summed over both gateways, read in one
-        command on the monitoring host (nginx serves it both gateways' /metrics)."""
-        script = "; ".join(
-            f"curl -sf http://{gw}:{hostvars(gw).get('nginx_port', 8000)}/metrics; echo '#--'"
-            for gw in GATEWAYS
-        )
-        out = self.run(REDIS, script)
-        total = dict.fromkeys(backends, 0.0)
-        for part in out.split("#--")[: len(GATEWAYS)]:
-            samples = parse_metrics(part)
-            for b in backends:
-                total[b] += metric_sum(samples, "gateway_backend_in_flight", backend=b)
-        return total
+    def request_log(self, since: float, user: str) -> list[dict[str, Any]]:
+        """Both gateways' request log lines of ``user`` since ``since`` (epoch seconds),
+        each with the gateway's own ``start`` and ``end`` of the request (epoch seconds)."""
+        out = []
+        for gw in GATEWAYS:
+            text = self.run(gw, f"journalctl -u llm-proxy -o cat --no-pager --since @{int(since)}")
+            for line in text.splitlines():
+                if not line.startswith("{"):
+                    continue
+                record = json.loads(line)
+                if record.get("event") != "request" or record.get("user") != user:
+                    continue
+                end = datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
+                out.append(
+                    {
+                        **record,
+                        "gateway": gw,
+                        "end": end,
+                        "start": end - record["duration_ms"] / 1000,
+                    }
+                )
+        return out
 
     def request_backends(self, ids: list[str]) -> dict[str, str]:
         """request id -> the backend it went to, from the gateways' request log lines."""
@@ -228,6 +237,69 @@ def chat(url: str, key: str, body: dict[str, Any], timeout: float = 120) -> http
     return CLIENT.post(f"{url}/v1/chat/completions", json=body, headers=_auth(key), timeout=timeout)
 
 
+class Held:
+    """A streamed chat completion kept open: admitted once its first event has arrived, it
+    holds its concurrency slot until it ends or is closed (the tests read it no further
+    until then, so the slot is certainly held while they look)."""
+
+    def __init__(self, url: str, key: str, max_tokens: int = 900, timeout: float = 60) -> None:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "count"}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        self._stream = CLIENT.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=_auth(key), timeout=timeout
+        )
+        self.response = self._stream.__enter__()
+        self.status = self.response.status_code
+        self.text = ""
+        self._lines = self.response.iter_lines()
+        if self.status != 200:
+            self.text = self.response.read().decode()
+            self.close()
+            return
+        for line in self._lines:
+            if line.startswith("data:"):
+                break  # the first token: admitted, and generating
+
+    def __repr__(self) -> str:
+        return f"Held({self.status} {self.text[:200]})"
+
+    def finish(self) -> int:
+        """Read the rest; the total tokens of the usage chunk (what the key is charged)."""
+        usage = None
+        for line in self._lines:
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                usage = json.loads(line[5:]).get("usage") or usage
+        self.close()
+        assert usage is not None, "no usage chunk"
+        return int(usage["total_tokens"])
+
+    def close(self) -> None:
+        """Leave (the gateway frees the slot), or forget a dead connection."""
+        with contextlib.suppress(httpx.HTTPError):
+            self._stream.__exit__(None, None, None)
+
+
+def max_overlap(intervals: Iterable[tuple[float, float]], slack: float = 0.05) -> int:
+    """The most intervals that cover one instant. ``slack`` seconds are taken off each
+    end: a log line's end is written just after its slot is freed, and the next request
+    admitted to that slot may have started in that gap."""
+    events = []
+    for start, end in intervals:
+        if end - slack > start:
+            events += [(start, 1), (end - slack, -1)]
+    most = now = 0
+    for _, step in sorted(events):
+        now += step
+        most = max(most, now)
+    return most
+
+
 def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -243,30 +315,6 @@ def parallel(calls: Iterable[Callable[[], Any]], workers: int) -> list[Any]:
             except Exception as e:  # the caller decides what a failure means
                 out.append(e)
         return out
-
-
-class Sampler:
-    """Calls ``sample`` every ``interval`` seconds in a thread until stopped."""
-
-    def __init__(self, sample: Callable[[], Any], interval: float) -> None:
-        self.samples: list[Any] = []
-        self._sample = sample
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self._sample())
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
 
 
 def wait_until(

@@ -20,8 +20,10 @@ from cluster import (
     GATEWAYS,
     REDIS,
     Cluster,
+    Held,
     chat,
     gateway_url,
+    max_overlap,
     parallel,
     wait_until,
 )
@@ -55,6 +57,24 @@ def _usage(cluster: Cluster, admin_key: str, user: str) -> int:
     return sum(k["total_usage"]["total_tokens"] for k in json.loads(out)["data"])
 
 
+def _live_leases(cluster: Cluster, key_id: str) -> int:
+    """Concurrency leases of a key in Redis that have not expired (on Redis' clock, as
+    the admission script counts them)."""
+    script = (
+        "local t = redis.call('TIME'); "
+        "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000); "
+        "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')"
+    )
+    return int(cluster.redis("EVAL", script, "1", f"llmhost:conc:key:{key_id}").strip())
+
+
+def _key_id(cluster: Cluster, user: str) -> str:
+    """The key id of ``user``'s key, as the gateways log it."""
+    records = cluster.request_log(time.time() - 600, user)
+    assert records, f"no request of {user} in the gateways' logs"
+    return str(records[-1]["key_id"])
+
+
 def _codes(responses: list[Any]) -> list[int | str]:
     """Status codes; an error's code too, for the assertion messages ("503 limit_...")."""
     out: list[int | str] = []
@@ -68,17 +88,72 @@ def _codes(responses: list[Any]) -> list[int | str]:
     return out
 
 
-def test_concurrency_3_holds_across_both_gateways(keys):
-    """Ten long requests at once, alternately through both gateways: three are admitted."""
+def _refused_for_concurrency(r: httpx.Response | Held, limit: int) -> bool:
+    status = r.status if isinstance(r, Held) else r.status_code
+    return status == 429 and f"concurrent requests ({limit})" in r.text
+
+
+def _hold(urls: list[str], key: str, n: int) -> list[Held]:
+    """``n`` streamed requests opened at once (alternately through ``urls``), each
+    returned once admitted (its first token) or refused."""
+    return parallel([lambda k=k: Held(urls[k % len(urls)], key) for k in range(n)], n)
+
+
+def _admitted(cluster: Cluster, since: float, user: str) -> list[dict[str, Any]]:
+    """The requests of ``user`` the gateways admitted since ``since``, from their logs."""
+    return [r for r in cluster.request_log(since, user) if r["status"] == 200]
+
+
+def test_concurrency_3_holds_across_both_gateways(cluster: Cluster, keys):
+    """Three streamed requests of the concurrency-3 key opened at once (through gw1, gw2,
+    gw1), then ten more at once through both gateways while they run: the ten are refused
+    for concurrency, and the gateways' own request logs show three requests at once at
+    most (if a holder ends early, a late request may take its slot, never a fourth)."""
     urls = [gateway_url(gw) for gw in GATEWAYS]
-    for _ in range(2):
+    time.sleep(1.1)  # a fresh QPS window: only the concurrency limit is at stake here
+    since = time.time() - 1
+    held = _hold(urls, keys["limited"], 3)
+    try:
+        assert all(isinstance(h, Held) and h.status == 200 for h in held), held
         results = parallel(
-            [lambda k=k: _post(urls[k % 2], keys["limited"], _long()) for k in range(10)], 10
+            [lambda k=k: _post(urls[k % 2], keys["limited"], _long(1)) for k in range(10)], 10
         )
-        codes = _codes(results)
-        assert codes.count(200) == 3, codes
-        assert codes.count(429) == 7, codes
-        time.sleep(1.1)  # the QPS window of 5 is not what this test is about
+    finally:
+        for h in held:
+            if isinstance(h, Held):
+                h.close()
+    codes = _codes(results)
+    refused = [r for r in results if isinstance(r, httpx.Response) and r.status_code == 429]
+    assert set(codes) <= {200, 429}, codes
+    assert all(_refused_for_concurrency(r, 3) for r in refused), [r.text for r in refused]
+    assert len(refused) >= 7, codes
+    time.sleep(1)  # the holders' log lines, written as they end
+    admitted = _admitted(cluster, since, "limited")
+    assert len(admitted) == 3 + codes.count(200), admitted
+    at_once = max_overlap((r["start"], r["end"]) for r in admitted)
+    assert at_once == 3, [(r["gateway"], r["start"], r["end"]) for r in admitted]
+
+
+def test_ten_at_once_never_hold_more_than_3_slots(cluster: Cluster, keys):
+    """Ten long requests at once, alternately through both gateways, with every slot free:
+    the gateways' own request logs show at no instant more than three of them admitted
+    (an admitted request may end before a late one arrives, so more than three may be
+    admitted in all, never at once)."""
+    urls = [gateway_url(gw) for gw in GATEWAYS]
+    time.sleep(1.1)
+    since = time.time() - 1
+    results = parallel(
+        [lambda k=k: _post(urls[k % 2], keys["limited"], _long()) for k in range(10)], 10
+    )
+    codes = _codes(results)
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 3, codes
+    admitted = _admitted(cluster, since, "limited")
+    assert len(admitted) == codes.count(200), admitted
+    assert {r["gateway"] for r in admitted} == set(GATEWAYS), admitted
+    at_once = max_overlap((r["start"], r["end"]) for r in admitted)
+    print(f"admitted {len(admitted)} of 10, at most {at_once} at once")
+    assert at_once <= 3, [(r["gateway"], r["start"], r["end"]) for r in admitted]
 
 
 def test_qps_5_holds_across_both_gateways(keys):
@@ -136,10 +211,11 @@ def test_a_100_token_quota_ends_at_most_at_100_tokens(cluster: Cluster, keys, ad
 def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
     cluster: Cluster, keys, admin_key
 ):
-    """Three long requests of the concurrency-3 key through gw1, which is then killed with
-    SIGKILL: the slots it held are refused to gw2 until their lease expires (the request
-    timeout + 60 s), then admitted again. Meanwhile steady traffic of another key through
-    both gateways: every request that completed is in the shared usage."""
+    """Three streamed requests of the concurrency-3 key held open through gw1, which is
+    then killed with SIGKILL: the slots it held stay taken (their leases in Redis), so gw2
+    admits only the rest, until the leases expire (the request timeout + 60 s); then gw2
+    admits three again. Meanwhile steady traffic of another key through both gateways:
+    every request that completed is in the shared usage."""
     gw1, gw2 = (gateway_url(gw) for gw in GATEWAYS)
     before = _usage(cluster, admin_key, "user")
     completed: list[int] = []
@@ -158,43 +234,44 @@ def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
 
     runner = threading.Thread(target=steady, daemon=True)
     runner.start()
-    holders = [
-        threading.Thread(
-            target=_post,
-            args=(gw1, keys["limited"], _long(900)),
-            kwargs={"timeout": 60},
-            daemon=True,
-        )
-        for _ in range(3)
-    ]
+    held: list[Held] = []
     try:
+        # The key's id (for its leases in Redis), from the log line of one request.
+        assert _post(gw2, keys["limited"], _long(1)).status_code == 200
+        key_id = _key_id(cluster, "limited")
         time.sleep(1.1)
-        for t in holders:
-            t.start()
-        # The three slots are held (through gw1) once gw2 refuses the key...
-        wait_until(
-            lambda: _post(gw2, keys["limited"], _long(1)).status_code == 429,
-            60,
-            "gw1's three requests holding the key's slots",
-            interval=0.5,
-        )
+        held = _hold([gw1], keys["limited"], 3)
+        assert all(isinstance(h, Held) and h.status == 200 for h in held), held
         cluster.run(GATEWAYS[0], "systemctl kill -s KILL llm-proxy")
         killed = time.monotonic()
-        # ...and stay held by the dead gateway.
-        refused = _post(gw2, keys["limited"], _long(1))
-        assert refused.status_code == 429, refused.text
+        # The slots that were held at the kill stay held by the dead gateway, which can no
+        # longer free them (all three, unless a holder ended before the kill):
+        leases = _live_leases(cluster, key_id)
+        assert 1 <= leases <= 3, leases
+        # gw2 admits only the rest...
+        more = _hold([gw2], keys["limited"], 3)
+        statuses = [h.status if isinstance(h, Held) else repr(h) for h in more]
+        for h in more:
+            if isinstance(h, Held):
+                h.close()
+        assert statuses.count(200) == 3 - leases, (leases, statuses)
+        # ...until the leases expire (the request timeout + 60 s after they were taken).
         ttl = cluster.lease_ttl()
-        waited = wait_until(
-            lambda: _post(gw2, keys["limited"], _long(1)).status_code == 200,
-            ttl + 15,
-            "the dead gateway's slots back",
-            interval=2,
+        wait_until(
+            lambda: _live_leases(cluster, key_id) == 0, ttl + 15, "leases expired", interval=2
         )
         print(f"slots back {time.monotonic() - killed:.0f} s after the kill (lease {ttl} s)")
-        assert waited <= ttl + 15
+        again = _hold([gw2], keys["limited"], 3)
+        for h in again:
+            if isinstance(h, Held):
+                h.close()
+        assert [h.status if isinstance(h, Held) else repr(h) for h in again] == [200] * 3
     finally:
         done.set()
         runner.join(60)
+        for h in held:
+            if isinstance(h, Held):
+                h.close()
     wait_until(lambda: cluster.active(GATEWAYS[0], "llm-proxy"), 60, "gw1 restarted")
     assert completed
     assert _usage(cluster, admin_key, "user") - before >= sum(completed)
@@ -233,14 +310,12 @@ def test_with_redis_stopped_closed_refuses_and_local_serves_its_share(
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "limit_store_unavailable"
         for url in local:
-            results = parallel([lambda url=url: _post(url, keys["shared4"], _long())] * 4, 4)
-            codes = _codes(results)
-            assert codes.count(200) == 2, codes
-            served += [
-                r.json()["usage"]["total_tokens"]
-                for r in results
-                if isinstance(r, httpx.Response) and r.status_code == 200
-            ]
+            held = _hold([url], keys["shared4"], 4)
+            statuses = [h.status if isinstance(h, Held) else repr(h) for h in held]
+            served += [h.finish() for h in held if isinstance(h, Held) and h.status == 200]
+            assert statuses.count(200) == 2, statuses
+            refused = [h for h in held if not isinstance(h, Held) or h.status != 200]
+            assert all(_refused_for_concurrency(h, 2) for h in refused), refused
     finally:
         cluster.run(REDIS, "systemctl start redis-server")
     wait_until(
