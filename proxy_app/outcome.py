@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError
 from .logs import JsonLog, timestamp
-from .metrics import Metrics
+
+if TYPE_CHECKING:  # metrics.py names the endpoints of apis.py, which uses Tokens
+    from .metrics import Metrics
 
 # The label of http_errors_total for an error answer that carries no label of its own
 # (the admin API's answers, which FastAPI renders): one per status, a fixed vocabulary.

@@ -1,4 +1,5 @@
-"""The forwarding hot path: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+"""The forwarding hot path: every API of apis.py (chat, completions, embeddings, responses,
+Anthropic's messages, rerank, score) and /v1/models.
 
 Raw ASGI rather than FastAPI routes: per request the gateway does only what it must (one
 JSON parse to read model and stream, a hash lookup for the key, the limit checks, one
@@ -16,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from .apis import APIS, Api, anthropic_error_body, body_usage, upstream_error_message
 from .asgi import Receive, Send, read_body, respond
 from .errors import ApiError, bad_request, error_body, upstream_error, upstream_timeout
 from .errors import upstream_unavailable as unavailable
@@ -25,7 +27,6 @@ from .metrics import Metrics
 from .outcome import Outcome, Tokens
 from .ratelimit import Admission, Limiter, requested_max_tokens
 from .routing import Backend, Router, prompt_start
-from .sse import usage_of
 from .stream import ClientWatch, StreamRelay
 from .upstream import (
     UpstreamError,
@@ -54,6 +55,7 @@ class ParsedRequest:
     stream: bool
     wants_usage: bool
     fields: dict[str, Any]
+    api: Api
 
     def prompt_estimate(self) -> int:
         """The prompt's tokens guessed from its length, for when vLLM reports none."""
@@ -62,6 +64,10 @@ class ParsedRequest:
 
 def _prompt_estimate(obj: dict[str, Any]) -> int:
     size = 0
+    for name in ("system", "instructions", "input"):  # Anthropic's, the Responses API's
+        value = obj.get(name)
+        if value is not None:
+            size += len(orjson.dumps(value))
     messages = obj.get("messages")
     if isinstance(messages, list):
         for m in messages:
@@ -74,14 +80,7 @@ def _prompt_estimate(obj: dict[str, Any]) -> int:
     return max(1, size // _BYTES_PER_TOKEN)
 
 
-_REQUIRED = {
-    "/v1/chat/completions": ("messages", list, "an array of messages"),
-    "/v1/completions": ("prompt", (str, list), "a string or an array"),
-    "/v1/embeddings": ("input", (str, list), "a string or an array"),
-}
-
-
-def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
+def parse_request(body: bytes, api: Api) -> ParsedRequest:
     """Validate what the gateway relies on; 400 naming the field otherwise."""
     try:
         obj = orjson.loads(body)
@@ -94,18 +93,19 @@ def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
         raise bad_request("You must provide a model parameter.", "model", "missing_required")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' must be a non-empty string.", "model", "invalid_type")
-    field, types, what = _REQUIRED[endpoint]
-    value = obj.get(field)
-    if value is None:
-        raise bad_request(f"'{field}' is a required property.", field, "missing_required")
-    if not isinstance(value, types):
-        raise bad_request(f"'{field}' must be {what}.", field, "invalid_type")
+    if api.required is not None:
+        field, types, what = api.required
+        value = obj.get(field)
+        if value is None:
+            raise bad_request(f"'{field}' is a required property.", field, "missing_required")
+        if not isinstance(value, types):
+            raise bad_request(f"'{field}' must be {what}.", field, "invalid_type")
     stream = obj.get("stream")
     if stream is None:
         stream = False
     elif not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean.", "stream", "invalid_type")
-    for name in ("max_tokens", "max_completion_tokens", "n"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n"):
         v = obj.get(name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise bad_request(f"'{name}' must be a positive integer.", name, "invalid_type")
@@ -113,8 +113,11 @@ def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
     if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object.", "stream_options", "invalid_type")
     wants_usage = bool(options and options.get("include_usage"))
-    if not stream or endpoint == "/v1/embeddings":
-        return ParsedRequest(body, model, False, wants_usage, obj)
+    if not stream or not api.streams:
+        return ParsedRequest(body, model, False, wants_usage, obj, api)
+    if api.usage != "openai":
+        # The Responses and Messages streams always carry their usage.
+        return ParsedRequest(body, model, True, True, obj, api)
     if not wants_usage:
         # vLLM reports a stream's tokens only when asked: ask, and drop the chunk on return.
         if "stream_options" not in obj:
@@ -123,7 +126,7 @@ def parse_request(body: bytes, endpoint: str) -> ParsedRequest:
         else:
             obj["stream_options"] = {**(options or {}), "include_usage": True}
             body = orjson.dumps(obj)
-    return ParsedRequest(body, model, True, wants_usage, obj)
+    return ParsedRequest(body, model, True, wants_usage, obj, api)
 
 
 def _cap_max_tokens(req: ParsedRequest, cap: int) -> None:
@@ -140,8 +143,27 @@ def _cap_max_tokens(req: ParsedRequest, cap: int) -> None:
                 "max_tokens_exceeded",
             )
         return
-    req.fields["max_tokens"] = cap
-    req.body = req.body.rstrip()[:-1] + b',"max_tokens":' + str(cap).encode() + b"}"
+    name = req.api.max_tokens[0]
+    req.fields[name] = cap
+    req.body = req.body.rstrip()[:-1] + f',"{name}":{cap}}}'.encode()
+
+
+def _anthropic_credentials(headers: dict[bytes, bytes]) -> bytes | None:
+    """The key of an Anthropic API request: ``x-api-key``, as Anthropic's clients send it,
+    or ``Authorization: Bearer``; both at once must name the same key."""
+    api_key = headers.get(b"x-api-key")
+    authorization = headers.get(b"authorization")
+    if api_key is None:
+        return authorization
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(b" ")
+        if scheme.lower() != b"bearer" or token.strip() != api_key.strip():
+            raise bad_request(
+                "The x-api-key and Authorization headers name different keys; send one.",
+                "x-api-key",
+                "conflicting_credentials",
+            )
+    return b"Bearer " + api_key.strip()
 
 
 def upstream_api_error(e: UpstreamError) -> ApiError:
@@ -155,16 +177,13 @@ def upstream_api_error(e: UpstreamError) -> ApiError:
 
 def openai_error_body(status: int, body: bytes) -> bytes:
     """vLLM's error body when it is in OpenAI's shape already, else wrapped into it."""
-    message: str | None = None
     try:
         obj = orjson.loads(body)
-        if isinstance(obj, dict):
-            if isinstance(obj.get("error"), dict):
-                return body
-            detail = obj.get("detail", obj.get("message"))
-            message = detail if isinstance(detail, str) else orjson.dumps(detail).decode()
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict) and "type" not in obj:
+            return body
     except orjson.JSONDecodeError:
-        message = body[:500].decode("utf-8", "replace").strip() or None
+        pass
+    message = upstream_error_message(status, body)
     return error_body(
         f"The model server answered {status}: {message or 'no details'}",
         "invalid_request_error" if status < 500 else "server_error",
@@ -208,23 +227,27 @@ class Proxy:
         self.metrics = metrics
         self.log = log
         self.max_body = max_body_bytes
-        self._ttft = {e: metrics.upstream_ttft.labels(e) for e in _REQUIRED}
-        self._latency = {e: metrics.upstream_latency.labels(e) for e in (*_REQUIRED, "/v1/models")}
+        self._ttft = {e: metrics.upstream_ttft.labels(e) for e in APIS}
+        self._latency = {e: metrics.upstream_latency.labels(e) for e in (*APIS, "/v1/models")}
 
     async def completion(
         self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]
     ) -> None:
-        """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
+        """POST to any API of apis.py."""
         now = time.time()
-        key = self.keys.authenticate(headers.get(b"authorization"), now)
+        endpoint = outcome.endpoint
+        api = APIS[endpoint]
+        credentials = headers.get(b"authorization")
+        if api.anthropic:
+            credentials = _anthropic_credentials(headers)
+        key = self.keys.authenticate(credentials, now)
         outcome.identify(key.user, key.key_id)
         body = await read_body(receive, headers.get(b"content-length"), self.max_body)
-        req = parse_request(body, outcome.endpoint)
+        req = parse_request(body, api)
         outcome.requested(req.model, req.stream)
         check_model(key, req.model)
         self.router.backends_of(req.model)  # 404 for a model nobody serves, before any limit
-        endpoint = outcome.endpoint
-        if key.max_tokens is not None and endpoint != "/v1/embeddings":
+        if key.max_tokens is not None and api.generates:
             _cap_max_tokens(req, key.max_tokens)
         try:
             admission = await self.limiter.admit(key, endpoint, req.fields, now)
@@ -266,7 +289,7 @@ class Proxy:
         generating) and what was used so far is charged as an estimate.
         """
         endpoint = outcome.endpoint
-        relay = StreamRelay(send, outcome, req.wants_usage) if req.stream else None
+        relay = StreamRelay(send, outcome, req.wants_usage, req.api) if req.stream else None
         resp: UpstreamResponse | None = None
         body = b""
         failure: UpstreamError | None = None
@@ -331,7 +354,7 @@ class Proxy:
             raise upstream_api_error(failure)
         assert resp is not None
         if resp.status != 200:
-            await self._relay_error(send, outcome, resp, body)
+            await self._relay_error(send, outcome, resp, body, req.api)
             return
         self._ttft[endpoint].observe(elapsed)
         self._latency[endpoint].observe(elapsed)
@@ -381,11 +404,7 @@ class Proxy:
 
     def _usage_of_body(self, outcome: Outcome, req: ParsedRequest, body: bytes) -> Tokens:
         """vLLM's reported usage; an estimate (counted, logged) when the body has none."""
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            obj = None
-        tokens = usage_of(obj.get("usage")) if isinstance(obj, dict) else None
+        tokens = body_usage(body, req.api.usage)
         if tokens is not None:
             return tokens
         self.log.log(
@@ -402,10 +421,21 @@ class Proxy:
             self.metrics.client_disconnects.inc()
 
     async def _relay_error(
-        self, send: Send, outcome: Outcome, resp: UpstreamResponse, body: bytes
+        self,
+        send: Send,
+        outcome: Outcome,
+        resp: UpstreamResponse,
+        body: bytes,
+        api: Api | None = None,
     ) -> None:
+        """vLLM's error, in the shape of the API asked."""
         outcome.failed(f"upstream_{resp.status // 100}xx")
-        await respond(send, outcome, resp.status, openai_error_body(resp.status, body))
+        if api is not None and api.anthropic:
+            message = upstream_error_message(resp.status, body) or "no details"
+            body = anthropic_error_body(resp.status, f"The model server answered: {message}")
+        else:
+            body = openai_error_body(resp.status, body)
+        await respond(send, outcome, resp.status, body)
 
     async def _charge(self, key: ApiKey, outcome: Outcome, tokens: Tokens) -> None:
         """Store the request's usage durably; only then may the response end."""

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
+from .apis import APIS
 from .config import ENDPOINTS, RateLimit, Reservation
 from .errors import ApiError, Headers
 from .usage import UsageSpool, UsageStore, quota_exhausted, quota_label, redis_usage_hashes
@@ -92,16 +93,25 @@ def format_duration(seconds: float) -> str:
 # (BOS, the assistant's turn marker). Per message, the JSON's own keys ("role", "content")
 # stand in for the template's markers.
 _TEMPLATE_TOKENS = 8
-_PROMPT_FIELDS = ("messages", "prompt", "input", "tools", "functions")
+_PROMPT_FIELDS = (
+    "messages", "prompt", "input", "tools", "functions", "system", "instructions",
+    "query", "documents", "text_1", "text_2", "data_1", "data_2", "queries", "items",
+)  # fmt: skip
+
+
+# Fields naming the most completion tokens: chat and completions (and Anthropic's Messages
+# API), chat's newer name, the Responses API's.
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def requested_max_tokens(fields: dict[str, Any]) -> tuple[str, int] | None:
     """The completion tokens a request asks for at most, and the field that says so."""
-    a = fields.get("max_tokens")
-    b = fields.get("max_completion_tokens")
-    if b is not None and (a is None or b >= a):
-        return "max_completion_tokens", b
-    return ("max_tokens", a) if a is not None else None
+    asked = None
+    for name in _MAX_TOKENS_FIELDS:
+        v = fields.get(name)
+        if v is not None and (asked is None or v >= asked[1]):
+            asked = (name, v)
+    return asked
 
 
 def reservation(
@@ -110,9 +120,10 @@ def reservation(
     """Tokens a request may use at most, by estimate: what admission reserves.
 
     Prompt: every byte of its JSON (messages, prompt, input, tools) / ``bytes_per_token``,
-    plus a template allowance. Completion: max_tokens (or max_completion_tokens) x n (or
-    best_of, which vLLM generates); without them the key's max_tokens cap, else
-    ``default_max_tokens``. Embeddings generate nothing.
+    plus a template allowance. Completion: max_tokens (or max_completion_tokens,
+    max_output_tokens) x n (or best_of, which vLLM generates); without them the key's
+    max_tokens cap, else ``default_max_tokens``. Embeddings, pooling and token counting
+    generate nothing.
     """
     size = 0
     for name in _PROMPT_FIELDS:
@@ -120,7 +131,8 @@ def reservation(
         if v is not None:
             size += len(orjson.dumps(v))
     prompt = math.ceil(size / settings.bytes_per_token) + _TEMPLATE_TOKENS
-    if endpoint == "/v1/embeddings":
+    api = APIS.get(endpoint)
+    if api is not None and not api.generates:
         return prompt
     asked = requested_max_tokens(fields)
     out = asked[1] if asked is not None else cap or settings.default_max_tokens

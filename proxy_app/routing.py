@@ -101,31 +101,39 @@ def _text(content: Any) -> str:
 def prompt_start(fields: dict[str, Any], chars: int) -> str:
     """The part of a request that decides where its KV cache lives.
 
-    Chat: the system (and developer) messages before the first user message, and that
-    user message: every turn of one conversation shares them. Completions and embeddings:
-    the start of the prompt (of its first item, for a list).
+    Chat (and Anthropic's messages, the Responses API's input items): the system prompt
+    (``system``, ``instructions``, or the system and developer messages before the first
+    user message) and that user message: every turn of one conversation shares them.
+    Completions, embeddings and a Responses input string: the start of the prompt (of its
+    first item, for a list).
     """
+    head = fields.get("system", fields.get("instructions"))
+    parts: list[str] = [_text(head)] if head is not None else []
     messages = fields.get("messages")
+    items = fields.get("input")
+    if messages is None and isinstance(items, list) and items and isinstance(items[0], dict):
+        messages = items  # the Responses API's input items
     if isinstance(messages, list):
-        parts: list[str] = []
-        size = 0
+        size = sum(len(p) for p in parts)
         for m in messages:
+            if size >= chars:
+                break
             if not isinstance(m, dict):
                 continue
             text = _text(m.get("content"))
             parts.append(text)
             size += len(text)
-            if m.get("role") == "user" or size >= chars:
+            if m.get("role") == "user":
                 break
         return "\x00".join(parts)[:chars]
-    prompt = fields.get("prompt", fields.get("input"))
+    prompt = fields.get("prompt", items)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch: its first prompt
     if isinstance(prompt, str):
-        return prompt[:chars]
+        return ("\x00".join([*parts, prompt]))[:chars]
     if isinstance(prompt, list):  # token ids
         return ",".join(str(t) for t in prompt[: chars // 4])
-    return ""
+    return "\x00".join(parts)[:chars]
 
 
 def _score(digest: bytes, backend: Backend) -> int:

@@ -1,13 +1,42 @@
-"""Server-sent events from vLLM: pass them on whole, take the usage out, count the chunks."""
+"""Server-sent events from vLLM: pass them on whole, take the usage out, count the chunks.
+
+Three stream shapes: OpenAI's (chat, completions: a usage chunk, then ``data: [DONE]``), the
+Responses API's (``event: response.*``; the usage in the final ``response.completed``) and
+Anthropic's (``event: message_start`` with the input tokens, ``message_delta`` with the
+output tokens, ``message_stop``). In each the final event is held back (see SseScanner).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
+from .apis import UsageShape, usage_tokens
 from .outcome import Tokens
 
 _SEP = b"\n\n"
 _DONE = b"data: [DONE]"
+# The events that end a Responses API stream, and an Anthropic one.
+_RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_MESSAGES_END = "message_stop"
+
+
+def _event(event: bytes) -> tuple[str, Any]:
+    """An event's name (its ``event:`` line, else its data's "type") and its data."""
+    name = ""
+    data: Any = None
+    for line in event.split(b"\n"):
+        if line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+        elif line.startswith(b"data:"):
+            try:
+                data = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                data = None
+    if not name and isinstance(data, dict) and isinstance(data.get("type"), str):
+        name = data["type"]
+    return name, data
 
 
 class SseScanner:
@@ -19,12 +48,14 @@ class SseScanner:
     is stored, so a client never sees the end of a stream whose tokens were not counted.
     """
 
-    __slots__ = ("_buf", "chunks", "done", "held", "keep_usage", "usage")
+    __slots__ = ("_buf", "chunks", "done", "final", "held", "keep_usage", "shape", "usage")
 
-    def __init__(self, keep_usage: bool) -> None:
+    def __init__(self, keep_usage: bool, shape: UsageShape = "openai") -> None:
         self.keep_usage = keep_usage
+        self.shape = shape
         self._buf = b""
-        self.usage: dict[str, int] | None = None
+        self.usage: dict[str, Any] | None = None
+        self.final = False  # usage holds the whole stream's counts (not message_start's)
         self.chunks = 0
         self.done = False
         self.held = b""
@@ -44,6 +75,14 @@ class SseScanner:
             end += 2
             event = buf[start:end]
             start = end
+            if self.shape != "openai":
+                if self._ends(event):
+                    self.done = True
+                    self.held = event + buf[end:]
+                    start = len(buf)
+                    break
+                out.append(event)
+                continue
             if event.startswith(_DONE):
                 self.done = True
                 self.held = event + buf[end:]
@@ -74,20 +113,45 @@ class SseScanner:
             return True
         return self.keep_usage
 
+    def _ends(self, event: bytes) -> bool:
+        """Responses and Messages streams: take the usage; whether the event is the last."""
+        name, data = _event(event)
+        delta = "_delta" if self.shape == "anthropic" else ".delta"
+        if name.endswith(delta) and name != "message_delta":
+            self.chunks += 1  # one per token, as vLLM sends them
+        if not isinstance(data, dict):
+            return False
+        if self.shape == "responses":
+            response = data.get("response")
+            if name in _RESPONSES_END:
+                if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+                    self.usage = response["usage"]
+                    self.final = True
+                return True
+            return False
+        # Anthropic: input tokens in message_start, the output (and final input) tokens in
+        # message_delta.
+        if name == "message_start" and isinstance(data.get("message"), dict):
+            usage = data["message"].get("usage")
+            if isinstance(usage, dict):
+                self.usage = {**usage}
+        elif name == "message_delta" and isinstance(data.get("usage"), dict):
+            self.usage = {**(self.usage or {}), **data["usage"]}
+            self.final = True
+        return name == _MESSAGES_END
+
+    def tokens(self, prompt_estimate: int) -> Tokens:
+        """The stream's usage when it came whole, else an estimate: each token chunk is
+        one token, and the prompt is what message_start said, or ``prompt_estimate``."""
+        counts = usage_tokens(self.usage, self.shape) if self.usage is not None else None
+        if counts is not None and (self.final or self.shape == "openai"):
+            return counts
+        prompt = counts.prompt if counts is not None and counts.prompt else prompt_estimate
+        return Tokens(prompt, self.chunks, estimated=True)
+
     def rest(self) -> bytes:
         """Bytes still to forward at the end: an unterminated event, then the held end."""
         rest = self._buf + self.held
         self._buf = b""
         self.held = b""
         return rest
-
-
-def usage_of(obj: object) -> Tokens | None:
-    """The token counts of an OpenAI usage object, if it is one."""
-    if not isinstance(obj, dict):
-        return None
-    p = obj.get("prompt_tokens")
-    c = obj.get("completion_tokens", 0)
-    if not isinstance(p, int) or not isinstance(c, int):
-        return None
-    return Tokens(p, c)

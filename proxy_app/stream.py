@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 from prometheus_client import Histogram
 
+from .apis import Api, anthropic_error_body
 from .asgi import Receive, Send
 from .errors import ApiError
 from .outcome import Outcome, Tokens
-from .sse import SseScanner, usage_of
+from .sse import SseScanner
 from .upstream import UpstreamResponse
 
 # The client's connection is read only once a request has waited this long: quick answers
@@ -75,12 +77,13 @@ class StreamRelay:
     so a client never sees the end of a stream whose tokens were not counted.
     """
 
-    __slots__ = ("_outcome", "_scanner", "_send", "started")
+    __slots__ = ("_api", "_outcome", "_scanner", "_send", "started")
 
-    def __init__(self, send: Send, outcome: Outcome, keep_usage: bool) -> None:
+    def __init__(self, send: Send, outcome: Outcome, keep_usage: bool, api: Api) -> None:
         self._send = send
         self._outcome = outcome
-        self._scanner = SseScanner(keep_usage=keep_usage)
+        self._api = api
+        self._scanner = SseScanner(keep_usage=keep_usage, shape=api.usage)
         self.started = False
 
     @staticmethod
@@ -113,12 +116,8 @@ class StreamRelay:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
 
     def tokens(self, prompt_estimate: int) -> Tokens:
-        """vLLM's usage chunk when one came, else an estimate: each vLLM chunk is one token."""
-        scanner = self._scanner
-        counts = usage_of(scanner.usage) if scanner.usage is not None else None
-        if counts is not None:
-            return counts
-        return Tokens(prompt_estimate, scanner.chunks, estimated=True)
+        """vLLM's usage when it came, else an estimate: each vLLM chunk is one token."""
+        return self._scanner.tokens(prompt_estimate)
 
     async def end(self) -> None:
         """Send what is left: an unterminated event, then ``data: [DONE]``."""
@@ -126,7 +125,14 @@ class StreamRelay:
         await self._send({"type": "http.response.body", "body": rest, "more_body": False})
 
     async def end_with_error(self, err: ApiError) -> None:
-        """End a broken stream with one event carrying the error in OpenAI's shape."""
+        """End a broken stream with one event carrying the error in the API's shape."""
         self._outcome.failed(err.metric_type)
-        event = b"data: " + err.body() + b"\n\n"
+        if self._api.anthropic:
+            event = b"event: error\ndata: " + anthropic_error_body(err.status, err.message)
+        elif self._api.usage == "responses":
+            error = {"type": "error", "code": err.code, "message": err.message, "param": None}
+            event = b"event: error\ndata: " + orjson.dumps(error)
+        else:
+            event = b"data: " + err.body()
+        event += b"\n\n"
         await self._send({"type": "http.response.body", "body": event, "more_body": False})

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Build a tiny random-weight Llama model that vLLM can serve on a CPU, without any hub.
 
-Usage: make_tiny_model.py OUT_DIR
+Usage: make_tiny_model.py [--scorer] OUT_DIR
+
+With --scorer, the same model with one classification head instead of the language model
+head (LlamaForSequenceClassification, one label): a cross-encoder, which vLLM serves as a
+pooling model on /v1/rerank and /v1/score.
 
 Run it with a Python that has torch, transformers and tokenizers (the vLLM venv does).
 The output is deterministic (fixed seeds, fixed training text), about 1 MB, and readable by
@@ -59,10 +63,15 @@ some asked for poems, others for lists, and a few asked for nothing at all.
 """
 
 
-def _build(out: Path) -> None:
+def _build(out: Path, scorer: bool = False) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
 
     torch.manual_seed(SEED)
 
@@ -103,7 +112,10 @@ def _build(out: Path) -> None:
         pad_token_id=fast.pad_token_id,
         torch_dtype="bfloat16",
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if scorer:
+        config.num_labels = 1  # one relevance score per (query, document)
+    head = LlamaForSequenceClassification if scorer else LlamaForCausalLM
+    model = head(config).to(torch.bfloat16)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     fast.save_pretrained(out)
@@ -121,6 +133,9 @@ def _make_world_readable(root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="directory to write the model into")
+    parser.add_argument(
+        "--scorer", action="store_true", help="a cross-encoder (rerank, score), not a generator"
+    )
     args = parser.parse_args(argv)
     out: Path = args.out_dir
 
@@ -133,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # that a later run would take for a finished model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _build(tmp)
+        _build(tmp, scorer=args.scorer)
         _make_world_readable(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -44,7 +44,12 @@ from proxy_harness import (
 )
 
 # Fixture -> marker: a test is marked by what it starts, so `-m` selects on the real cost.
-_MARKED_FIXTURES = {"vllm": "vllm", "redis_server": "redis", "redis_exe": "redis"}
+_MARKED_FIXTURES = {
+    "vllm": "vllm",
+    "vllm_scorer": "vllm",
+    "redis_server": "redis",
+    "redis_exe": "redis",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -62,16 +67,40 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     A 2048-token context (the tiny model's own): long ignore_eos generations that last
     seconds, for the tests of streaming and of clients that leave.
     """
-    python = Path(os.environ.get("LLMHOST_VLLM_PYTHON", REPO / ".venv-vllm/bin/python"))
     model = Path(os.environ.get("LLMHOST_TINY_MODEL", REPO / ".cache/tiny-model"))
+    with _vllm(tmp_path_factory, model, ["tiny", "other"], VLLM_MAX_MODEL_LEN) as upstream:
+        # /health can be 200 while inference is broken: prove a real completion works.
+        with http(f"http://127.0.0.1:{upstream.port}", timeout=60) as c:
+            r = c.post(
+                "/v1/completions",
+                json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
+            )
+            assert r.status_code == 200, f"vLLM cannot complete: {r.text}\n{upstream.proc.output()}"
+        yield upstream
+
+
+@pytest.fixture(scope="session")
+def vllm_scorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """Real vLLM on the CPU serving the tiny cross-encoder as "scorer" (a pooling model:
+    /v1/rerank and /v1/score), made by ``make tiny-model``."""
+    model = Path(os.environ.get("LLMHOST_TINY_SCORER", REPO / ".cache/tiny-scorer"))
+    with _vllm(tmp_path_factory, model, ["scorer"], 512) as upstream:
+        yield upstream
+
+
+@contextlib.contextmanager
+def _vllm(
+    tmp_path_factory: pytest.TempPathFactory, model: Path, names: list[str], max_len: int
+) -> Iterator[Upstream]:
+    python = Path(os.environ.get("LLMHOST_VLLM_PYTHON", REPO / ".venv-vllm/bin/python"))
     missing = []
     if not python.exists():
         missing.append(f"no vLLM python at {python} (LLMHOST_VLLM_PYTHON)")
     if not (model / "config.json").exists():
-        missing.append(f"no tiny model in {model} (LLMHOST_TINY_MODEL)")
+        missing.append(f"no tiny model in {model}")
     if missing:
         pytest.fail(
-            "vLLM tests need the vLLM CPU venv and the tiny model: "
+            "vLLM tests need the vLLM CPU venv and the tiny models: "
             + "; ".join(missing)
             + ". Run `make vllm-env tiny-model` first.",
             pytrace=False,
@@ -91,8 +120,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
             "--model",
             str(model),
             "--served-model-name",
-            "tiny",
-            "other",
+            *names,
             "--host",
             "127.0.0.1",
             "--port",
@@ -101,7 +129,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
             "--kv-cache-memory-bytes",
             "67108864",
             "--max-model-len",
-            str(VLLM_MAX_MODEL_LEN),
+            str(max_len),
             "--dtype",
             "float32",
         ],
@@ -111,13 +139,6 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     )
     try:
         wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 300, "vLLM")
-        # /health can be 200 while inference is broken: prove a real completion works.
-        with http(f"http://127.0.0.1:{port}", timeout=60) as c:
-            r = c.post(
-                "/v1/completions",
-                json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
-            )
-            assert r.status_code == 200, f"vLLM cannot complete: {r.text}\n{proc.output()}"
         yield Upstream(port, proc)
     finally:
         proc.stop(timeout=30)

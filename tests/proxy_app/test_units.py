@@ -8,6 +8,7 @@ import json
 import orjson
 import pytest
 
+from proxy_app.apis import APIS
 from proxy_app.asgi import ClientAddress
 from proxy_app.errors import ApiError
 from proxy_app.proxy import openai_error_body, parse_request
@@ -49,7 +50,7 @@ def test_stream_options_injected_without_reserialising() -> None:
     body = (
         b'{"model": "m", "messages": [{"role": "user", "content": "\\u00e9"}], "stream": true}  \n'
     )
-    req = parse_request(body, "/v1/chat/completions")
+    req = parse_request(body, APIS["/v1/chat/completions"])
     assert req.stream and not req.wants_usage
     assert req.body.startswith(body.rstrip()[:-1])
     sent = orjson.loads(req.body)
@@ -59,12 +60,12 @@ def test_stream_options_injected_without_reserialising() -> None:
 
 def test_non_stream_body_untouched() -> None:
     body = b'{"model": "m", "prompt": "x", "max_tokens": 3}'
-    assert parse_request(body, "/v1/completions").body is body
+    assert parse_request(body, APIS["/v1/completions"]).body is body
 
 
 def test_parse_request_rejects_bool_as_int() -> None:
     with pytest.raises(ApiError) as e:
-        parse_request(b'{"model": "m", "prompt": "x", "max_tokens": true}', "/v1/completions")
+        parse_request(b'{"model": "m", "prompt": "x", "max_tokens": true}', APIS["/v1/completions"])
     assert e.value.param == "max_tokens"
 
 

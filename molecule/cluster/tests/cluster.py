@@ -186,9 +186,10 @@ class Cluster:
     def backend_up(self, gateway: str, backend: str) -> float:
         return metric_sum(self.gateway_metrics(gateway), "gateway_backend_up", backend=backend)
 
-    def request_log(self, since: float, user: str) -> list[dict[str, Any]]:
+    def request_log(self, since: float, user: str, id_prefix: str = "") -> list[dict[str, Any]]:
         """Both gateways' request log lines of ``user`` since ``since`` (epoch seconds),
-        each with the gateway's own ``start`` and ``end`` of the request (epoch seconds)."""
+        whose request id starts with ``id_prefix``, each with the gateway's own ``start``
+        and ``end`` of the request (epoch seconds)."""
         out = []
         for gw in GATEWAYS:
             text = self.run(gw, f"journalctl -u llm-proxy -o cat --no-pager --since @{int(since)}")
@@ -197,6 +198,8 @@ class Cluster:
                     continue
                 record = json.loads(line)
                 if record.get("event") != "request" or record.get("user") != user:
+                    continue
+                if not str(record.get("request_id", "")).startswith(id_prefix):
                     continue
                 end = datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
                 out.append(
@@ -233,26 +236,50 @@ CLIENT = httpx.Client(
 )
 
 
-def chat(url: str, key: str, body: dict[str, Any], timeout: float = 120) -> httpx.Response:
-    return CLIENT.post(f"{url}/v1/chat/completions", json=body, headers=_auth(key), timeout=timeout)
+def chat(
+    url: str,
+    key: str,
+    body: dict[str, Any],
+    timeout: float = 120,
+    request_id: str | None = None,
+) -> httpx.Response:
+    headers = _auth(key) | ({"X-Request-ID": request_id} if request_id else {})
+    return CLIENT.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout)
 
 
 class Held:
     """A streamed chat completion kept open: admitted once its first event has arrived, it
-    holds its concurrency slot until it ends or is closed (the tests read it no further
-    until then, so the slot is certainly held while they look)."""
+    holds its concurrency slot until it is read to its end or closed.
 
-    def __init__(self, url: str, key: str, max_tokens: int = 900, timeout: float = 60) -> None:
+    The tests read it no further until then, and its stream is far larger than every
+    buffer between vLLM and the client (four choices with 20 log-probabilities a token:
+    about 1.5 KB a chunk, some 5 MB in all): the gateway waits on the client to read, so
+    the request is in flight, and its slot held, for as long as the test looks. (A plain
+    900-token stream ended within a second here, whether read or not.)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        max_tokens: int = 900,
+        timeout: float = 60,
+        request_id: str | None = None,
+    ) -> None:
         body = {
             "model": "tiny",
             "messages": [{"role": "user", "content": "count"}],
             "max_tokens": max_tokens,
             "ignore_eos": True,
+            "n": 4,
+            "logprobs": True,
+            "top_logprobs": 20,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        headers = _auth(key) | ({"X-Request-ID": request_id} if request_id else {})
         self._stream = CLIENT.stream(
-            "POST", f"{url}/v1/chat/completions", json=body, headers=_auth(key), timeout=timeout
+            "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout
         )
         self.response = self._stream.__enter__()
         self.status = self.response.status_code
