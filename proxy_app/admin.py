@@ -1,4 +1,4 @@
-"""The operator's API, on FastAPI: key reloads and usage.
+"""The operator's API, on FastAPI: key reloads, usage, and draining backends.
 
 These endpoints are rare and benefit from typed models and validation; the forwarding hot
 path does not go through FastAPI (see proxy.py). The gateway (app.py) hands this app only
@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ApiError, bad_request, method_not_allowed, not_found
 from .keys import KeyStore, ReloadResult
+from .routing import Router
 from .usage import UsageStore, usage_report
 
 
@@ -49,6 +50,19 @@ class KeyUsage(BaseModel):
     remaining: int | None
 
 
+class BackendOut(BaseModel):
+    name: str
+    model: str | None
+    up: bool
+    draining: bool
+    in_flight: int
+
+
+class BackendsOut(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BackendOut]
+
+
 class UsageOut(BaseModel):
     object: Literal["list"] = "list"
     generated_at: datetime
@@ -65,6 +79,7 @@ def build_admin_app(
     keys: KeyStore,
     usage: UsageStore,
     reload_keys: Callable[[str], Awaitable[ReloadResult]],
+    router: Router | None = None,
 ) -> FastAPI:
     """The FastAPI app serving /admin/*."""
     app = FastAPI(title="llmhost gateway admin", docs_url=None, redoc_url=None, openapi_url=None)
@@ -103,6 +118,39 @@ def build_admin_app(
             "generated_at": datetime.fromtimestamp(now).astimezone(),
             "data": await usage_report(usage, selected, now),
         }
+
+    def _backend(name: str, draining: bool | None = None) -> dict[str, Any]:
+        if router is None or name not in router.by_name:
+            raise ApiError(
+                404,
+                f"No backend named {name!r}; GET /admin/backends lists them.",
+                "invalid_request_error",
+                "backend_not_found",
+            )
+        if draining is None:
+            return router.by_name[name].state()
+        return router.drain(name, draining).state()
+
+    @app.get("/admin/backends", response_model=BackendsOut)
+    async def backends() -> Any:
+        """Every backend of every model: up, drained, requests in flight from this gateway."""
+        found = router.backends if router is not None else []
+        return {"object": "list", "data": [b.state() for b in found]}
+
+    @app.get("/admin/backends/{name:path}", response_model=BackendOut)
+    async def backend(name: str) -> Any:
+        return _backend(name)
+
+    @app.post("/admin/backends/{name:path}/drain", response_model=BackendOut)
+    async def drain(name: str) -> Any:
+        """No new requests to the backend while another of its model can take them; its
+        requests in flight run to their end (watch in_flight reach 0)."""
+        return _backend(name, True)
+
+    @app.post("/admin/backends/{name:path}/undrain", response_model=BackendOut)
+    async def undrain(name: str) -> Any:
+        """Back in rotation."""
+        return _backend(name, False)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:

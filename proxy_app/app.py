@@ -128,7 +128,9 @@ class Gateway:
             log=self.log,
             max_body_bytes=c.max_body_bytes,
         )
-        self.admin = build_admin_app(keys=self.keys, usage=self.usage, reload_keys=self.reload_keys)
+        self.admin = build_admin_app(
+            keys=self.keys, usage=self.usage, reload_keys=self.reload_keys, router=self.router
+        )
         p = self.proxy
         self.routes = {
             **{path: (_POST, p.completion) for path in APIS},

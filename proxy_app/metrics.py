@@ -112,6 +112,13 @@ class Metrics:
             ["backend", "model"],
             registry=r,
         )
+        self.backend_draining = Gauge(
+            "gateway_backend_draining",
+            "Whether the backend is drained by the operator (1: no new requests while "
+            "another backend of its model can take them)",
+            ["backend", "model"],
+            registry=r,
+        )
         self.routing_decisions = Counter(
             "gateway_routing_decisions_total",
             "Prefix routing: the prompt's own backend taken (affinity) or passed over for load "

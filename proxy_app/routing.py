@@ -50,8 +50,8 @@ UNHEALTHY_AFTER = 3
 class Backend:
     """One vLLM server: its connections, health and load as this gateway sees them."""
 
-    __slots__ = ("_in_flight", "_requests", "_up", "failures", "in_flight", "model",
-                 "name", "pool", "salt", "up")  # fmt: skip
+    __slots__ = ("_draining", "_in_flight", "_requests", "_up", "draining", "failures",
+                 "in_flight", "model", "name", "pool", "salt", "up")  # fmt: skip
 
     def __init__(self, name: str, model: str, pool: UpstreamPool, metrics: Metrics) -> None:
         self.name = name
@@ -63,11 +63,16 @@ class Backend:
         # the first requests for a probe interval (a refused connection marks it down).
         self.up = True
         self.failures = 0  # probes in a row that timed out or did not answer 200
+        # Drained by the operator (a rolling update): no new requests while another
+        # backend of the model can take them; those in flight run to their end.
+        self.draining = False
         label = model or "*"
         self._requests = metrics.backend_requests.labels(name, label)
         self._in_flight = metrics.backend_in_flight.labels(name, label)
         self._up = metrics.backend_up.labels(name, label)
         self._up.set(1)
+        self._draining = metrics.backend_draining.labels(name, label)
+        self._draining.set(0)
 
     def start(self) -> None:
         """A request is being sent to this backend."""
@@ -79,6 +84,20 @@ class Backend:
         """That request is over (answered, failed or abandoned)."""
         self.in_flight -= 1
         self._in_flight.dec()
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
+        self._draining.set(1 if draining else 0)
+
+    def state(self) -> dict[str, Any]:
+        """What the admin API says of the backend."""
+        return {
+            "name": self.name,
+            "model": self.model or None,
+            "up": self.up,
+            "draining": self.draining,
+            "in_flight": self.in_flight,
+        }
 
     def set_up(self, up: bool) -> bool:
         """Mark the backend up or down; True when that changed its state."""
@@ -194,16 +213,19 @@ class Router:
     def choose(self, model: str, prompt: str, tried: Iterable[Backend] = ()) -> Backend:
         """A backend for one request, not one of ``tried``; 503 when none is left.
 
-        Backends marked down are passed over while the model has one up. When none is up,
-        they are tried anyway (as Envoy's panic threshold does): one may be back before
-        its next probe, and a refused connection costs little (a host that drops packets
-        costs the connect timeout).
+        Backends marked down are passed over while the model has one up, and drained ones
+        while it has one up and not drained (a drained backend still serves when it is all
+        that is left: draining is for moving load, never for failing requests). When none
+        is up, they are tried anyway (as Envoy's panic threshold does): one may be back
+        before its next probe, and a refused connection costs little (a host that drops
+        packets costs the connect timeout).
         """
         backends = self.backends_of(model)
         name = backends[0].model  # the model as configured: "" when one backend serves any
         excluded = set(tried)
         untried = [b for b in backends if b not in excluded]
-        candidates = [b for b in untried if b.up] or untried
+        up = [b for b in untried if b.up]
+        candidates = [b for b in up if not b.draining] or up or untried
         if not candidates:
             raise ApiError(
                 503,
@@ -243,6 +265,16 @@ class Router:
                 return b
         self._spilled[model].inc()  # unreachable in practice: the mean is below capacity
         return min(ranked, key=lambda b: b.in_flight)
+
+    def drain(self, name: str, draining: bool) -> Backend:
+        """Take a backend out of rotation for new requests (or put it back); KeyError for
+        a name no model has."""
+        backend = self.by_name[name]
+        if backend.draining != draining:
+            backend.set_draining(draining)
+            event = "backend_draining" if draining else "backend_undrained"
+            self.log.log("info", event, backend=name, in_flight=backend.in_flight)
+        return backend
 
     def mark_down(self, backend: Backend, error: UpstreamError) -> None:
         """A connection to the backend was refused: out of rotation until a probe says up."""

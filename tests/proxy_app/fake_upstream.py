@@ -13,8 +13,10 @@ behaviour:
   fake-hang       never answers
   fake-nousage    normal answer without a usage object
   fake-notjson    200 whose body is not JSON
-  fake-usage      normal answer after ``fake_delay`` seconds (a request field, default 0);
-                  usage prompt=``fake_prompt_tokens`` (default 7), completion=max_tokens x n
+  fake-usage      normal answer; usage prompt=``fake_prompt_tokens`` (default 7),
+                  completion=max_tokens x n
+
+Every model answers after ``fake_delay`` seconds (a request field, default 0).
 
 GET /_stats (straight to this server, not through the gateway) returns counters and the
 last request body received, so tests can see what the gateway sent and whether it hung up.
@@ -113,6 +115,8 @@ async def app(scope, receive, send) -> None:
     STATS["last_headers"] = {k.decode(): v.decode() for k, v in scope["headers"]}
     model = req.get("model", "fake")
     usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    # Any model: answer after ``fake_delay`` seconds (a request in flight for that long).
+    await asyncio.sleep(float(req.get("fake_delay", 0)))
     if path == "/v1/embeddings":
         await _json(
             send,
@@ -150,7 +154,6 @@ async def app(scope, receive, send) -> None:
         await send({"type": "http.response.body", "body": b'{"id": "x-1", ', "more_body": True})
         raise RuntimeError("fake upstream drops the connection")
     if model == "fake-usage":
-        await asyncio.sleep(float(req.get("fake_delay", 0)))
         prompt = int(req.get("fake_prompt_tokens", 7))
         completion = int(req.get("max_tokens") or 5) * int(req.get("n") or 1)
         usage = {

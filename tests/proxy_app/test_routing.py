@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from proxy_harness import (
+    ADMIN_KEY,
     HERE,
     USER_KEY,
     Upstream,
@@ -209,6 +210,61 @@ def test_a_model_goes_only_to_its_own_backends(fakes, gateway_factory):
     assert after[:2] == before[:2]
     text = http(gw.url).get("/metrics").text
     assert metric_value(text, "gateway_backend_requests_total", {"backend": "c/other"}) == 6
+
+
+def test_a_drained_backend_gets_no_new_requests_and_comes_back(fakes, gateway_factory):
+    """POST /admin/backends/{name}/drain (admin key only): every new request of the model
+    goes to its other backend, whatever its prefix; a request in flight to the drained one
+    runs to its end (in_flight says when it is idle); undrain puts it back. A model whose
+    every backend is drained is still served: draining moves load, it never fails it."""
+    gw = gateway_factory(fakes[0], models=_models(fakes))
+    with http(gw.url, USER_KEY) as c:
+        r = c.post("/admin/backends/a/fake/drain")
+        assert r.status_code == 403, r.text
+    with http(gw.url, ADMIN_KEY) as admin, http(gw.url, USER_KEY, timeout=30) as c:
+        # A slow request in flight to a/fake when it is drained.
+        prompts = [f"p{i}" for i in range(40)]
+        to_a = next(p for p in prompts if _which(fakes, c, _chat(p)) == 0)
+        result: dict[str, Any] = {}
+        runner = threading.Thread(
+            target=lambda: result.update(
+                r=c.post("/v1/chat/completions", json={**_chat(to_a), "fake_delay": 2.0})
+            )
+        )
+        runner.start()
+        wait_for(
+            lambda: admin.get("/admin/backends/a/fake").json()["in_flight"] == 1, 10, "in flight"
+        )
+        r = admin.post("/admin/backends/a/fake/drain")
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "name": "a/fake",
+            "model": "fake",
+            "up": True,
+            "draining": True,
+            "in_flight": 1,
+        }
+        before = _counts(fakes)
+        for p in prompts:
+            assert c.post("/v1/chat/completions", json=_chat(p)).status_code == 200
+        after = _counts(fakes)
+        assert after[0] - before[0] <= 1, (before, after)  # at most the slow one's arrival
+        assert after[1] - before[1] == len(prompts)
+        runner.join(30)
+        assert result["r"].status_code == 200, result["r"].text
+        assert admin.get("/admin/backends/a/fake").json()["in_flight"] == 0
+        text = http(gw.url).get("/metrics").text
+        assert metric_value(text, "gateway_backend_draining", {"backend": "a/fake"}) == 1
+        # Both drained: still served.
+        assert admin.post("/admin/backends/b/fake/drain").status_code == 200
+        assert c.post("/v1/chat/completions", json=_chat("both")).status_code == 200
+        for name in ("a/fake", "b/fake"):
+            assert admin.post(f"/admin/backends/{name}/undrain").json()["draining"] is False
+        assert _which(fakes, c, _chat(to_a)) == 0
+        listing = admin.get("/admin/backends").json()["data"]
+        assert [b["name"] for b in listing] == ["a/fake", "b/fake", "c/other"]
+        r = admin.post("/admin/backends/nope/drain")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "backend_not_found"
 
 
 def test_an_unknown_model_is_404_model_not_found_and_reaches_no_backend(fakes, gateway_factory):
