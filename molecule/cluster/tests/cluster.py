@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -247,84 +247,44 @@ def chat(
     return CLIENT.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout)
 
 
-class Held:
-    """A streamed chat completion kept open: admitted once its first event has arrived, it
-    holds its concurrency slot until it is read to its end or closed.
+class Pending:
+    """Calls running in threads, whose results are read as they come: requests that a
+    frozen vLLM keeps waiting, next to those the gateways answer at once."""
 
-    The tests read it no further until then, and its stream is far larger than every
-    buffer between vLLM and the client (four choices with 20 log-probabilities a token:
-    about 1.5 KB a chunk, some 5 MB in all): the gateway waits on the client to read, so
-    the request is in flight, and its slot held, for as long as the test looks. (A plain
-    900-token stream ended within a second here, whether read or not.)
-    """
+    def __init__(self, calls: list[Callable[[], Any]]) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(len(calls))
+        self.futures = [self._pool.submit(c) for c in calls]
 
-    def __init__(
-        self,
-        url: str,
-        key: str,
-        max_tokens: int = 900,
-        timeout: float = 60,
-        request_id: str | None = None,
-    ) -> None:
-        body = {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": "count"}],
-            "max_tokens": max_tokens,
-            "ignore_eos": True,
-            "n": 4,
-            "logprobs": True,
-            "top_logprobs": 20,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        headers = _auth(key) | ({"X-Request-ID": request_id} if request_id else {})
-        self._stream = CLIENT.stream(
-            "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout
-        )
-        self.response = self._stream.__enter__()
-        self.status = self.response.status_code
-        self.text = ""
-        self._lines = self.response.iter_lines()
-        if self.status != 200:
-            self.text = self.response.read().decode()
-            self.close()
-            return
-        for line in self._lines:
-            if line.startswith("data:"):
-                break  # the first token: admitted, and generating
+    def answered(self) -> list[Any]:
+        """The results (or exceptions) of the calls that have returned."""
+        return [f.result() if f.exception() is None else f.exception() for f in self.futures
+                if f.done()]  # fmt: skip
 
-    def __repr__(self) -> str:
-        return f"Held({self.status} {self.text[:200]})"
+    def wait_answered(self, n: int, timeout: float) -> list[Any]:
+        wait_until(lambda: len(self.answered()) >= n, timeout, f"{n} answers", interval=0.1)
+        return self.answered()
 
-    def finish(self) -> int:
-        """Read the rest; the total tokens of the usage chunk (what the key is charged)."""
-        usage = None
-        for line in self._lines:
-            if line.startswith("data:") and line.strip() != "data: [DONE]":
-                usage = json.loads(line[5:]).get("usage") or usage
-        self.close()
-        assert usage is not None, "no usage chunk"
-        return int(usage["total_tokens"])
-
-    def close(self) -> None:
-        """Leave (the gateway frees the slot), or forget a dead connection."""
-        with contextlib.suppress(httpx.HTTPError):
-            self._stream.__exit__(None, None, None)
+    def all(self, timeout: float) -> list[Any]:
+        concurrent.futures.wait(self.futures, timeout)
+        self._pool.shutdown(wait=False)
+        return self.answered()
 
 
-def max_overlap(intervals: Iterable[tuple[float, float]], slack: float = 0.05) -> int:
-    """The most intervals that cover one instant. ``slack`` seconds are taken off each
-    end: a log line's end is written just after its slot is freed, and the next request
-    admitted to that slot may have started in that gap."""
-    events = []
-    for start, end in intervals:
-        if end - slack > start:
-            events += [(start, 1), (end - slack, -1)]
-    most = now = 0
-    for _, step in sorted(events):
-        now += step
-        most = max(most, now)
-    return most
+@contextlib.contextmanager
+def frozen_vllm(cluster: Cluster, instances: Iterable[str] = GPU_HOSTS) -> Iterator[None]:
+    """vLLM's API server of the default instance on each host stopped (SIGSTOP): requests
+    sent to it are accepted by the kernel and then wait, so a request the gateway admits
+    holds its slot, for certain, until the test lets vLLM go on (SIGCONT, always) or the
+    gateway's first-byte timeout (30 s here) ends it. (Streams that the test left unread
+    did not hold: the hosts' TCP buffers took a whole 4.8 MB stream in a second.)"""
+    hosts = list(instances)
+    try:
+        for h in hosts:
+            cluster.run(h, "systemctl kill --kill-whom=main -s STOP vllm")
+        yield
+    finally:
+        for h in hosts:
+            cluster.run(h, "systemctl kill --kill-whom=main -s CONT vllm")
 
 
 def _auth(key: str) -> dict[str, str]:

@@ -21,8 +21,9 @@ from cluster import (
     GATEWAYS,
     REDIS,
     Cluster,
-    Held,
+    Pending,
     chat,
+    frozen_vllm,
     gateway_url,
     parallel,
     wait_until,
@@ -88,27 +89,16 @@ def _codes(responses: list[Any]) -> list[int | str]:
     return out
 
 
-def _refused_for_concurrency(r: httpx.Response | Held | Exception, limit: int) -> bool:
-    if isinstance(r, Exception):
+def _refused_for_concurrency(r: httpx.Response | Exception, limit: int) -> bool:
+    if not isinstance(r, httpx.Response):
         return False
-    status = r.status if isinstance(r, Held) else r.status_code
-    return status == 429 and f"concurrent requests ({limit})" in r.text
+    return r.status_code == 429 and f"concurrent requests ({limit})" in r.text
 
 
-def _hold(urls: list[str], key: str, n: int) -> list[Held | Exception]:
-    """``n`` streamed requests opened at once (alternately through ``urls``), each
-    returned once admitted (its first token) or refused."""
-    return parallel([lambda k=k: Held(urls[k % len(urls)], key) for k in range(n)], n)
-
-
-def _admitted(held: list[Held | Exception]) -> list[Held]:
-    return [h for h in held if isinstance(h, Held) and h.status == 200]
-
-
-def _close(held: list[Held | Exception]) -> None:
-    for h in held:
-        if isinstance(h, Held):
-            h.close()
+def _send(urls: list[str], key: str, n: int, max_tokens: int = 4) -> Pending:
+    """``n`` requests at once, alternately through ``urls``, in threads."""
+    body = _long(max_tokens)
+    return Pending([lambda k=k: _post(urls[k % len(urls)], key, body) for k in range(n)])
 
 
 @pytest.fixture(scope="module")
@@ -119,31 +109,25 @@ def limited_key_id(cluster: Cluster, keys) -> str:
 
 
 def test_concurrency_3_holds_across_both_gateways(cluster: Cluster, keys, limited_key_id):
-    """Ten streamed requests of the concurrency-3 key at once, alternately through both
-    gateways, each kept open: exactly three are admitted (three leases in Redis), seven
-    refused for concurrency. While the three run, ten more through either gateway are
-    refused; when one leaves, exactly one more is admitted, whichever gateway asks."""
+    """vLLM frozen, ten requests of the concurrency-3 key at once, alternately through both
+    gateways: seven are refused for concurrency at once, three wait in vLLM (three leases
+    in Redis). Ten more through either gateway are refused too; with vLLM going on, the
+    three are answered."""
     urls = [gateway_url(gw) for gw in GATEWAYS]
     time.sleep(1.1)  # a fresh QPS window: only the concurrency limit is at stake here
-    held = _hold(urls, keys["limited"], 10)
-    try:
-        admitted = _admitted(held)
-        assert len(admitted) == 3, held
-        refused = [h for h in held if h not in admitted]
-        assert all(_refused_for_concurrency(h, 3) for h in refused), refused
-        assert _live_leases(cluster, limited_key_id) == 3
-        results = parallel(
-            [lambda k=k: _post(urls[k % 2], keys["limited"], _long(1)) for k in range(10)], 10
+    with frozen_vllm(cluster):
+        pending = _send(urls, keys["limited"], 10)
+        refused = pending.wait_answered(7, 20)
+        assert len(refused) == 7 and all(_refused_for_concurrency(r, 3) for r in refused), _codes(
+            refused
         )
-        assert all(_refused_for_concurrency(r, 3) for r in results), _codes(results)
-        admitted[0].close()
-        wait_until(lambda: _live_leases(cluster, limited_key_id) == 2, 20, "the slot freed")
-        again = _hold(urls, keys["limited"], 4)
-        held += again
-        assert len(_admitted(again)) == 1, again
         assert _live_leases(cluster, limited_key_id) == 3
-    finally:
-        _close(held)
+        more = _send(urls, keys["limited"], 10).all(20)
+        assert len(more) == 10 and all(_refused_for_concurrency(r, 3) for r in more), _codes(more)
+        assert len(pending.answered()) == 7  # the three still wait
+    answers = pending.all(60)
+    assert _codes(answers).count(200) == 3, _codes(answers)
+    wait_until(lambda: _live_leases(cluster, limited_key_id) == 0, 10, "slots freed")
 
 
 def test_qps_5_holds_across_both_gateways(keys):
@@ -201,10 +185,10 @@ def test_a_100_token_quota_ends_at_most_at_100_tokens(cluster: Cluster, keys, ad
 def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
     cluster: Cluster, keys, admin_key, limited_key_id
 ):
-    """Three streamed requests of the concurrency-3 key held open through gw1, which is
-    then killed with SIGKILL: the slots it held stay taken (their three leases in Redis),
-    so gw2 admits none of three more, until the leases expire (the request timeout + 60 s);
-    then gw2 admits three again. Meanwhile steady traffic of another key through both gateways:
+    """vLLM frozen, three requests of the concurrency-3 key through gw1, which is then
+    killed with SIGKILL: the slots it held stay taken (their three leases in Redis), so gw2
+    admits none of three more, until the leases expire (the request timeout + 60 s); then
+    gw2 admits three again. Meanwhile steady traffic of another key through both gateways:
     every request that completed is in the shared usage."""
     gw1, gw2 = (gateway_url(gw) for gw in GATEWAYS)
     before = _usage(cluster, admin_key, "user")
@@ -224,19 +208,18 @@ def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
 
     runner = threading.Thread(target=steady, daemon=True)
     runner.start()
-    held: list[Held | Exception] = []
     try:
         time.sleep(1.1)
-        held = _hold([gw1], keys["limited"], 3)
-        assert len(_admitted(held)) == 3, held
-        assert _live_leases(cluster, limited_key_id) == 3
-        cluster.run(GATEWAYS[0], "systemctl kill -s KILL llm-proxy")
-        killed = time.monotonic()
-        # The dead gateway's three leases stay, and gw2 counts them: it admits none.
-        assert _live_leases(cluster, limited_key_id) == 3
-        more = _hold([gw2], keys["limited"], 3)
-        held += more
-        assert all(_refused_for_concurrency(h, 3) for h in more), more
+        with frozen_vllm(cluster):
+            holders = _send([gw1], keys["limited"], 3)
+            wait_until(lambda: _live_leases(cluster, limited_key_id) == 3, 20, "3 leases", 0.5)
+            cluster.run(GATEWAYS[0], "systemctl kill -s KILL llm-proxy")
+            killed = time.monotonic()
+            # The dead gateway's three leases stay, and gw2 counts them: it admits none.
+            assert _live_leases(cluster, limited_key_id) == 3
+            more = _send([gw2], keys["limited"], 3).all(20)
+            assert all(_refused_for_concurrency(r, 3) for r in more), _codes(more)
+        holders.all(30)  # cut by the kill
         # Until the leases expire (the request timeout + 60 s after they were taken).
         ttl = cluster.lease_ttl()
         wait_until(
@@ -244,13 +227,14 @@ def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
         )
         print(f"slots back {time.monotonic() - killed:.0f} s after the kill (lease {ttl} s)")
         time.sleep(1.1)
-        again = _hold([gw2], keys["limited"], 3)
-        held += again
-        assert len(_admitted(again)) == 3, again
+        with frozen_vllm(cluster):
+            again = _send([gw2], keys["limited"], 3)
+            wait_until(lambda: _live_leases(cluster, limited_key_id) == 3, 20, "3 leases", 0.5)
+            assert again.answered() == []  # all three admitted, waiting in vLLM
+        assert _codes(again.all(60)) == [200] * 3
     finally:
         done.set()
         runner.join(60)
-        _close(held)
     wait_until(lambda: cluster.active(GATEWAYS[0], "llm-proxy"), 60, "gw1 restarted")
     assert completed
     assert _usage(cluster, admin_key, "user") - before >= sum(completed)
@@ -289,12 +273,19 @@ def test_with_redis_stopped_closed_refuses_and_local_serves_its_share(
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "limit_store_unavailable"
         for url in local:
-            held = _hold([url], keys["shared4"], 4)
-            admitted = _admitted(held)
-            served += [h.finish() for h in admitted]
-            assert len(admitted) == 2, held
-            refused = [h for h in held if h not in admitted]
-            assert all(_refused_for_concurrency(h, 2) for h in refused), refused
+            with frozen_vllm(cluster):
+                pending = _send([url], keys["shared4"], 4)
+                refused = pending.wait_answered(2, 20)
+                assert all(_refused_for_concurrency(r, 2) for r in refused), _codes(refused)
+                time.sleep(1)
+                assert len(pending.answered()) == 2  # the other two wait in vLLM
+            answers = pending.all(60)
+            assert _codes(answers).count(200) == 2, _codes(answers)
+            served += [
+                r.json()["usage"]["total_tokens"]
+                for r in answers
+                if isinstance(r, httpx.Response) and r.status_code == 200
+            ]
     finally:
         cluster.run(REDIS, "systemctl start redis-server")
     wait_until(
