@@ -253,19 +253,23 @@ def test_a_conversation_lands_on_the_same_backend_from_either_gateway(affinity):
 
 
 def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, backends):
-    """80% of 400 requests share one system prompt, from 24 clients (12 per gateway) of
-    48-token answers. By prefix alone its backend would take about 90% of them (the hot 80%
-    and half the cold); the bounded load spills what would put it over (1 + epsilon) x the
-    mean in flight: both gateways spilled some, and it took at most 85% (the gateways' own
-    counters of requests per backend, summed over both). How far below depends on how busy
-    the clients keep the gateways (with one request or none in flight there is nothing to
-    balance): 61% and 77% in two runs on this machine."""
+    """80% of 400 requests share one prompt start (system prompt and first user message),
+    from 24 clients (12 per gateway) of 48-token answers. By prefix alone its backend would
+    take about 90% of them (the hot 80% and half the cold); the bounded load spills what
+    would put it over (1 + epsilon) x the mean in flight: both gateways spilled some, and it
+    took at most 85% (the gateways' own counters of requests per backend, summed over both).
+    How far below depends on how busy the clients keep the gateways (with one request or
+    none in flight there is nothing to balance), and on both hosts serving: when one host's
+    vLLM stalls, its requests pile up in flight and the other rightly takes nearly all (96%,
+    when the test hosts' engines were all pinned to one core)."""
     tiny = backends["tiny"]
     hot = "You are the hot prefix. " + " ".join(["steady"] * 120)
     rng = random.Random(7)
     bodies = []
     for n in range(400):
-        system = hot if rng.random() < 0.8 else f"cold {n} " + " ".join(["calm"] * 120)
+        is_hot = rng.random() < 0.8
+        system = hot if is_hot else f"cold {n} " + " ".join(["calm"] * 120)
+        question = "Go on." if is_hot else f"n={n}"
         bodies.append(
             {
                 "model": "tiny",
@@ -273,7 +277,7 @@ def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, ba
                 "ignore_eos": True,
                 "messages": [
                     {"role": "system", "content": system},
-                    {"role": "user", "content": f"n={n}"},
+                    {"role": "user", "content": question},
                 ],
             }
         )
