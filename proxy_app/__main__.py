@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +21,18 @@ def _load(path: Path) -> tuple[Config, KeyStore]:
     keys = KeyStore(config.api_keys_file, config.key_defaults, config.keys_file_max_bytes)
     keys.load()
     return config, keys
+
+
+def _systemd_socket() -> socket.socket | None:
+    """The listening socket systemd hands over (socket activation, llm-proxy.socket), if any.
+
+    systemd holds it across a restart: while one gateway process drains and the next
+    starts, connections wait in its queue instead of being refused."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return socket.socket(fileno=3)  # SD_LISTEN_FDS_START
 
 
 def _serve(config: Config, path: Path) -> int:
@@ -55,7 +69,8 @@ def _serve(config: Config, path: Path) -> int:
             timeout_graceful_shutdown=30,
         )
     )
-    server.run()
+    inherited = _systemd_socket()
+    server.run(sockets=[inherited] if inherited is not None else None)
     return 0 if server.started else 1
 
 

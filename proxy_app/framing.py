@@ -1,10 +1,19 @@
-"""HTTP framing the gateway refuses before any route runs, in OpenAI's error shape.
+"""The gateway's HTTP connections: framing it refuses before any route runs, in OpenAI's
+error shape, and a shutdown that never closes a connection a request may be on its way over.
 
 uvicorn's httptools protocol sets no limit on the size or number of request headers (a
 16 MB header and 10,000 headers were accepted) and answers malformed requests with a
 plain-text 400. This protocol, handed to uvicorn in place of its own, caps both and answers
 every refusal as JSON, then closes the connection. nginx in front has lower limits of its
 own (large_client_header_buffers); these hold when the gateway is reached directly.
+
+On shutdown (a restart: SIGTERM), uvicorn closes idle keep-alive connections at once. nginx
+may have just written a request on one of them: the request is lost, and nginx cannot send
+a POST again (its body was sent), so the client gets a 502. Here the gateway leaves idle
+connections to the client: a request that still arrives on one is served, with
+`Connection: close`; nginx closes the others itself after its upstream keepalive_timeout,
+which is shorter than ``SHUTDOWN_IDLE_SECONDS``, after which the gateway closes what is left
+(clients other than nginx). Requests in flight run to their end, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 
 _LINGER_SECONDS = 2.0
+# How long a connection must have been idle before a shutting-down gateway closes it: more
+# than nginx's upstream keepalive_timeout (roles/nginx: nginx_upstream_keepalive_timeout).
+SHUTDOWN_IDLE_SECONDS = 5.0
 _REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
 _log = logging.getLogger("uvicorn.error")
 
@@ -47,6 +59,30 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _in_head = True
     _refusal: ApiError | None = None
     _discarding = False
+    _shutting_down = False
+    _idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._idle_since = self.loop.time()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._idle_since = self.loop.time()
+
+    def shutdown(self) -> None:
+        """Called by uvicorn when the gateway stops: see the module's docstring."""
+        self._shutting_down = True
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        if self.transport.is_closing():
+            return
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self.loop.time() - self._idle_since >= SHUTDOWN_IDLE_SECONDS:
+            self.transport.close()
+            return
+        self.loop.call_later(0.25, self._close_when_idle)
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -74,6 +110,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         super().on_headers_complete()
+        if self._shutting_down and self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # answered with Connection: close, then closed
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request httptools cannot parse (or that a callback refused)."""

@@ -125,9 +125,13 @@ class Proc:
 
 
 def start(
-    args: list[str], log: Path, env: dict[str, str] | None = None, group: bool = False
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    group: bool = False,
+    pass_fds: tuple[int, ...] = (),
 ) -> Proc:
-    """Start a process with stdout and stderr to ``log``."""
+    """Start a process with stdout and stderr to ``log`` (and ``pass_fds`` kept open)."""
     out = log.open("ab")
     try:
         popen = subprocess.Popen(
@@ -137,6 +141,7 @@ def start(
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             start_new_session=group,
+            pass_fds=pass_fds,
         )
     finally:
         out.close()

@@ -1,0 +1,159 @@
+"""Changes on the running stack host under load: an nginx reload, a key reload, a gateway
+restart, each while a client on the host sends 45 chat completions a second through nginx;
+and llmhost.target stopping and starting the whole stack.
+
+45 a second, not 50: the demo inventory's global limit is 50 requests a second, and a
+burst of a few requests in one second would be refused by it, as it should."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+testinfra_hosts = ["ansible://llmhost-stack"]
+
+RATE = 45
+
+# Run on the stack host as root: RATE requests a second (each on its own connection to
+# nginx, as many clients would), `action` run 3 s in, the load kept on 5 s after it ends.
+LOAD = textwrap.dedent(
+    """
+    import http.client, json, subprocess, sys, threading, time
+    key, rate, action = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+    results, lock, stop, threads = [], threading.Lock(), threading.Event(), []
+
+    def one(n):
+        body = json.dumps({"model": "tiny", "max_tokens": 1,
+                           "messages": [{"role": "user", "content": "load %d" % n}]})
+        start = time.monotonic()
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", 8000, timeout=120)
+            c.request("POST", "/v1/chat/completions", body,
+                      {"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+            r = c.getresponse()
+            data, status = r.read(), r.status
+            c.close()
+        except Exception as e:
+            data, status = repr(e).encode(), 0
+        with lock:
+            results.append({"n": n, "status": status, "seconds": time.monotonic() - start,
+                            "body": "" if status == 200 else data[:300].decode("replace")})
+
+    def run():
+        n, t0 = 0, time.monotonic()
+        while not stop.is_set():
+            t = threading.Thread(target=one, args=(n,))
+            t.start()
+            threads.append(t)
+            n += 1
+            stop.wait(max(0.0, t0 + n / rate - time.monotonic()))
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    time.sleep(3)
+    t = time.monotonic()
+    done = subprocess.run(action, capture_output=True, text=True)
+    action_seconds = time.monotonic() - t
+    time.sleep(5)
+    stop.set()
+    runner.join()
+    for t in threads:
+        t.join(150)
+    print(json.dumps({
+        "sent": len(results),
+        "failed": [r for r in results if r["status"] != 200],
+        "slowest": max(r["seconds"] for r in results),
+        "action_rc": done.returncode, "action_out": done.stdout + done.stderr,
+        "action_seconds": action_seconds,
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def admin_key() -> str:
+    # No per-key limit: the load measures the reload, not the key's concurrency.
+    cache = Path(os.environ["LLMHOST_CACHE_DIR"])
+    return "sk-" + (cache / "demo" / "admin-key").read_text().split()[0]
+
+
+def _under_load(host, key: str, *action: str) -> dict:
+    with host.sudo():  # the action (systemctl) needs root
+        command = "python3 -c %s %s %s" + " %s" * len(action)
+        out = host.run(command, LOAD, key, str(RATE), *action)
+    assert out.rc == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["action_rc"] == 0, result["action_out"]
+    # The load really ran for the whole window: 3 s before, the action, 5 s after.
+    assert result["sent"] >= RATE * (8 + result["action_seconds"]) * 0.8, result["sent"]
+    print(
+        f"{' '.join(action)}: {result['sent']} requests, {len(result['failed'])} failed, "
+        f"slowest {result['slowest']:.2f} s, the action took {result['action_seconds']:.1f} s"
+    )
+    return result
+
+
+def _main_pid(host, unit: str) -> str:
+    return host.run("systemctl show -p MainPID --value %s", unit).stdout.strip()
+
+
+def test_an_nginx_reload_under_load_fails_no_request(host, admin_key):
+    before = _main_pid(host, "nginx")
+    result = _under_load(host, admin_key, "systemctl", "reload", "nginx")
+    assert result["failed"] == [], result["failed"][:5]
+    assert _main_pid(host, "nginx") == before  # a reload: the master stayed
+
+
+def test_a_key_reload_under_load_fails_no_request(host, admin_key):
+    before = _main_pid(host, "llm-proxy")
+    result = _under_load(host, admin_key, "systemctl", "reload", "llm-proxy")
+    assert result["failed"] == [], result["failed"][:5]
+    assert _main_pid(host, "llm-proxy") == before  # in place: same PID
+
+
+def test_a_gateway_restart_under_load_fails_no_request(host, admin_key):
+    """`systemctl restart llm-proxy`: systemd keeps the listening socket (llm-proxy.socket),
+    the old process lets its requests end and nginx close its idle connections, the new one
+    answers what waited in the socket's queue meanwhile."""
+    before = _main_pid(host, "llm-proxy")
+    result = _under_load(host, admin_key, "systemctl", "restart", "llm-proxy")
+    assert _main_pid(host, "llm-proxy") != before
+    assert result["failed"] == [], result["failed"][:5]
+
+
+def test_llmhost_target_stops_and_starts_the_whole_stack(host, admin_key):
+    units = host.run("systemctl list-dependencies llmhost.target --plain").stdout.split()
+    for unit in ("vllm.service", "llm-proxy.service", "llm-proxy.socket", "nginx.service"):
+        assert unit in units, units
+        assert "llmhost.target" in host.run("systemctl show -p PartOf --value %s", unit).stdout
+    with host.sudo():
+        host.run_expect([0], "systemctl stop llmhost.target")
+        for unit in units:
+            if unit.endswith((".service", ".socket")):
+                state = host.run("systemctl is-active %s", unit).stdout.strip()
+                assert state == "inactive", (unit, state)
+        host.run_expect([0], "systemctl start llmhost.target")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ready = host.run("curl -s -o /dev/null -w %s http://127.0.0.1:8001/ready", "%{http_code}")
+        if ready.stdout == "200":
+            break
+        time.sleep(3)
+    for unit in units:
+        if unit.endswith((".service", ".socket")):
+            assert host.run("systemctl is-active %s", unit).stdout.strip() == "active", unit
+    status = host.run(
+        "curl -s -o /dev/null -w %s -H %s -H 'Content-Type: application/json' "
+        "-d %s http://127.0.0.1:8000/v1/chat/completions",
+        "%{http_code}",
+        f"Authorization: Bearer {admin_key}",
+        json.dumps(
+            {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}
+        ),
+    )
+    assert status.stdout == "200"

@@ -1,0 +1,139 @@
+"""A gateway restart that fails no request: the listening socket handed over as systemd's
+socket activation does (llm-proxy.socket), and a shutdown that lets requests in flight end
+and never closes a keep-alive connection a request may be on its way over.
+
+Against the fake upstream (fake_delay keeps a request in flight for as long as the test
+needs); the stack scenario restarts the real units under load."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from proxy_harness import (
+    USER_KEY,
+    Proc,
+    Upstream,
+    checkout_env,
+    default_keys,
+    start,
+)
+
+from proxy_app.framing import SHUTDOWN_IDLE_SECONDS
+
+
+def _config(d: Path, upstream: Upstream, port: int) -> Path:
+    conf = {
+        "vllm_host": "127.0.0.1",
+        "vllm_port": upstream.port,
+        "fastapi_host": "127.0.0.1",
+        "fastapi_port": port,
+        "api_keys_file": str(d / "keys.json"),
+        "state_dir": str(d / "state"),
+        "log_level": "info",
+        "timeouts": {"connect": 2, "first_byte": 10, "read": 10, "total": 30},
+    }
+    (d / "keys.json").write_text(json.dumps({"keys": default_keys()}))
+    path = d / "config.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def _start_on_socket(listener: socket.socket, config: Path, log: Path) -> Proc:
+    """The gateway as systemd starts it from llm-proxy.socket: the socket as fd 3,
+    LISTEN_FDS=1 and LISTEN_PID its own PID (the shell's, which execs Python)."""
+    n = listener.fileno()
+    env = checkout_env()
+    script = f'exec 3<&{n}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" -m proxy_app --config "$1"'
+    return start(["bash", "-c", script, sys.executable, str(config)], log, env=env, pass_fds=(n,))
+
+
+def _post(conn: http.client.HTTPConnection, body: dict[str, Any]) -> tuple[int, dict, bytes]:
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(body),
+        {"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"},
+    )
+    r = conn.getresponse()
+    data = r.read()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+
+
+CHAT = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@contextlib.contextmanager
+def _listener() -> Iterator[socket.socket]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(128)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_a_restart_on_a_handed_over_socket_fails_no_request(fake: Upstream, tmp_path: Path):
+    """What nginx does across `systemctl restart llm-proxy`: a request in flight when the
+    old process is told to stop ends with 200; a request sent on an idle keep-alive
+    connection after the stop began is answered (with Connection: close) instead of
+    meeting a closed connection; a new connection made while no process accepts waits in
+    the socket's queue and is answered by the next process. None is refused or reset."""
+    with _listener() as listener:
+        port = listener.getsockname()[1]
+        config = _config(tmp_path, fake, port)
+        old = _start_on_socket(listener, config, tmp_path / "old.log")
+        try:
+            # The kernel queues the connection until the gateway accepts it.
+            idle = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            assert _post(idle, CHAT)[0] == 200
+
+            in_flight: dict[str, Any] = {}
+
+            def slow() -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                in_flight["answer"] = _post(conn, {**CHAT, "fake_delay": 3})
+
+            t = threading.Thread(target=slow)
+            t.start()
+            time.sleep(0.5)  # the slow request is in flight
+            old._signal(15)  # SIGTERM, as systemctl stop sends it
+            time.sleep(0.5)
+
+            # The idle keep-alive connection (nginx's) still gets its answer.
+            status, headers, _ = _post(idle, CHAT)
+            assert status == 200
+            assert headers.get("connection") == "close"
+
+            # A new connection: the kernel queues it on the socket nobody accepts now.
+            queued: dict[str, Any] = {}
+
+            def fresh() -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                queued["answer"] = _post(conn, CHAT)
+
+            q = threading.Thread(target=fresh)
+            q.start()
+            t.join(30)
+            assert in_flight["answer"][0] == 200, in_flight
+            old.popen.wait(SHUTDOWN_IDLE_SECONDS + 20)
+            assert "answer" not in queued, "the stopping gateway accepted a new connection"
+
+            new = _start_on_socket(listener, config, tmp_path / "new.log")
+            try:
+                q.join(60)
+                assert queued["answer"][0] == 200, queued
+            finally:
+                new.stop()
+        finally:
+            old.stop()
