@@ -3,12 +3,14 @@
     python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
     python tools/readme_figures.py --check   fail when any of them differs (make lint)
 
-Three blocks of README.md, each between its marker comments:
+Four blocks of README.md, each between its marker comments:
 
 - ``bench``: the benchmark table and its sentences, from bench/results.json (written by
   bench/run.py);
 - ``rerun``: how long a re-run of site.yml with nothing to change took, from
   molecule/stack/rerun.json (written by molecule/stack/tests/test_rerun.py);
+- ``roll``: how long a rolling update of vLLM took and what its clients saw, from
+  molecule/cluster/roll.json (written by molecule/cluster/tests/test_updates.py);
 - ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
   rule's `for:`, its threshold and range window are read from the rule; the wording of a row
   is in ALERTS below, with those values as placeholders.
@@ -159,6 +161,27 @@ def render_rerun(data: dict) -> str:
     return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n"
 
 
+def render_roll(data: dict) -> str:
+    """The README's rolling-update sentence from molecule/cluster/roll.json."""
+    run = data["run"]
+    hosts = ", ".join(
+        f"`{name}` {seconds:.0f} s"
+        for name, seconds in sorted(data["out_of_rotation_seconds"].items())
+    )
+    text = (
+        f"A rolling update of vLLM (one argument changed, every instance restarted) over "
+        f"{data['hosts']} gpu hosts took **{data['roll_seconds'] / 60:.1f} min**; each host was "
+        f"out of rotation from its drain to its return for {hosts}. A client sent "
+        f"{data['rate_per_second']} requests a second through a gateway the whole time: "
+        f"{data['requests']:,} requests, {data['failed']} failed "
+        f"(`molecule/cluster/tests/test_updates.py`, run {run['time_utc'][:10]} on "
+        f"{run['cpus']} CPUs shared by the five test hosts, load average "
+        f"{run['load_average_start']:.1f} at its start; most of a host's time is vLLM's CPU "
+        f"build loading on a busy machine; figures from `molecule/cluster/roll.json`)."
+    )
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n"
+
+
 def _rule_values(rule: dict) -> dict[str, str]:
     expr = " ".join(str(rule["expr"]).split())
     values = {"for": _duration(str(rule.get("for", "0s")))}
@@ -246,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md")
     parser.add_argument("--bench", type=Path, default=REPO / "bench" / "run.py")
     parser.add_argument("--rerun", type=Path, default=REPO / "molecule" / "stack" / "rerun.json")
+    parser.add_argument("--roll", type=Path, default=REPO / "molecule" / "cluster" / "roll.json")
     parser.add_argument(
         "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
     )
@@ -258,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             wanted, "alerts", render_alerts(yaml.safe_load(args.rules.read_text()))
         )
         wanted = replace_block(wanted, "rerun", render_rerun(json.loads(args.rerun.read_text())))
+        wanted = replace_block(wanted, "roll", render_roll(json.loads(args.roll.read_text())))
         results_md = _bench_module(args.bench).render_results(data)
     except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)
@@ -274,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_diff(path, old, new), file=sys.stderr, end="")
         print(
             f"{path} differs from what tools/readme_figures.py renders from {args.results.name}, "
-            f"{args.rules.name} and {args.rerun.name}: do not edit it by hand; run `python "
-            "tools/readme_figures.py` (after `make bench`, a run of the stack scenario, or "
+            f"{args.rules.name}, {args.rerun.name} and {args.roll.name}: do not edit it by hand; "
+            "run `python tools/readme_figures.py` (after `make bench`, a run of the stack or "
+            "cluster scenario, or "
             "after changing the rules or the wording in tools/readme_figures.py)",
             file=sys.stderr,
         )

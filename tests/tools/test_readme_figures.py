@@ -64,6 +64,16 @@ RERUN = {
     },
 }
 
+ROLL = {
+    "run": {"time_utc": "2030-01-02T03:04+00:00", "cpus": 4, "load_average_start": 1.5},
+    "rate_per_second": 10,
+    "hosts": 2,
+    "requests": 2345,
+    "failed": 0,
+    "roll_seconds": 300.0,
+    "out_of_rotation_seconds": {"gpu1": 140.2, "gpu2": 120.7},
+}
+
 README = """# project
 
 Prose before.
@@ -83,6 +93,10 @@ Prose after.
 <!-- rerun:begin: generated -->
 A re-run took 99 s.
 <!-- rerun:end -->
+
+<!-- roll:begin: generated -->
+A roll took forever.
+<!-- roll:end -->
 """
 
 
@@ -94,10 +108,12 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "results-md": tmp_path / "RESULTS.md",
         "rules": tmp_path / "rules.yml",
         "rerun": tmp_path / "rerun.json",
+        "roll": tmp_path / "roll.json",
     }
     paths["readme"].write_text(README)
     paths["results"].write_text(json.dumps(RESULTS))
     paths["rerun"].write_text(json.dumps(RERUN))
+    paths["roll"].write_text(json.dumps(ROLL))
     paths["rules"].write_text(RULES.read_text())
     return paths
 
@@ -182,3 +198,18 @@ def test_check_fails_when_a_new_rerun_was_recorded_and_not_rendered(sources):
 
     assert check.returncode == 1
     assert "+A re-run of `site.yml` with nothing to change took **52 s**" in check.stderr
+
+
+def test_the_roll_figures_come_from_roll_json(sources):
+    assert tool(sources).returncode == 0
+    prose = " ".join(sources["readme"].read_text().split())
+    assert "over 2 gpu hosts took **5.0 min**" in prose
+    assert "`gpu1` 140 s, `gpu2` 121 s" in prose
+    assert "2,345 requests, 0 failed" in prose
+    assert "forever" not in prose
+    sources["roll"].write_text(json.dumps({**ROLL, "failed": 3}))
+    check = tool(sources, "--check")
+    assert check.returncode == 1
+    assert "roll.json" in check.stderr
+    assert tool(sources).returncode == 0
+    assert "requests, 3 failed" in " ".join(sources["readme"].read_text().split())
