@@ -130,25 +130,33 @@ def test_concurrency_3_holds_across_both_gateways(cluster: Cluster, keys, limite
     wait_until(lambda: _live_leases(cluster, limited_key_id) == 0, 10, "slots freed")
 
 
-def test_qps_5_holds_across_both_gateways(keys):
+def test_qps_5_holds_across_both_gateways(cluster: Cluster, keys):
     """Twenty short requests as fast as three clients can send them (the key's concurrency
-    is 3), alternately through both gateways: in no second are more than five admitted."""
+    is 3), alternately through both gateways: in no second are more than five admitted.
+    Seconds of the gateways' own clock (the hosts share this machine's): when each admitted
+    request reached its gateway, from their request logs. (The controller's send times
+    were not good enough: one request took 50 ms more than another to arrive, and six
+    sends fell within 0.95 s while the gateways admitted them more than a second apart.)"""
     urls = [gateway_url(gw) for gw in GATEWAYS]
     body = _long(1)
+    prefix = f"qps-{time.time_ns()}-"
+    since = time.time() - 5
     time.sleep(1.1)
 
-    def one(k: int) -> tuple[float, int]:
-        sent = time.monotonic()
-        return sent, _post(urls[k % 2], keys["limited"], body).status_code
+    def one(k: int) -> int:
+        return chat(urls[k % 2], keys["limited"], body, request_id=f"{prefix}{k}").status_code
 
     results = parallel([lambda k=k: one(k) for k in range(20)], 3)
-    assert all(isinstance(r, tuple) for r in results), results
-    admitted = sorted(sent for sent, code in results if code == 200)
-    assert {code for _, code in results} == {200, 429}, results
-    # A request is admitted a few milliseconds after it is sent: windows of 0.95 s of
-    # sending time hold at most the 5 admitted within the limiter's second.
+    assert all(isinstance(r, int) for r in results), results
+    assert set(results) == {200, 429}, results
+    records = cluster.request_log(since, "limited", prefix)
+    assert len(records) == 20, len(records)
+    admitted = sorted(r["start"] for r in records if r["status"] == 200)
+    assert len(admitted) == results.count(200)
+    # 0.98 s: the 20 ms between a request's arrival and the limiter's decision (a Redis
+    # round trip on the same machine) must not count as a second.
     for i, t in enumerate(admitted):
-        within = [u for u in admitted[i:] if u < t + 0.95]
+        within = [u for u in admitted[i:] if u < t + 0.98]
         assert len(within) <= 5, [round(u - admitted[0], 3) for u in admitted]
     assert len(admitted) >= 5, results
 
