@@ -133,8 +133,7 @@ def test_the_preflight_refuses_parallel_sizes_that_do_not_cover_the_hosts():
         ),
         timeout=600,
     )
-    assert run.returncode != 0, run.stdout[-3000:]
-    assert "tensor_parallel_size x pipeline_parallel_size (3 x 1) must equal" in run.stdout, (
-        run.stdout[-3000:]
-    )
-    assert "hosts x GPUs per host (2 x 1)" in run.stdout
+    out = run.stdout + run.stderr  # the failed task's message is on stderr
+    assert run.returncode != 0, out[-3000:]
+    assert "tensor_parallel_size x pipeline_parallel_size (3 x 1) must equal" in out, out[-3000:]
+    assert "hosts x GPUs per host (2 x 1)" in out

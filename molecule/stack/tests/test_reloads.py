@@ -1,6 +1,7 @@
 """Changes on the running stack host under load: an nginx reload, a key reload, a gateway
-restart, each while a client on the host sends 45 chat completions a second through nginx;
-and llmhost.target stopping and starting the whole stack.
+restart, each while a client on the host sends 45 chat completions a second through nginx; a
+key's concurrency limit across a gateway restart; and llmhost.target stopping and starting the
+whole stack.
 
 45 a second, not 50: the demo inventory's global limit is 50 requests a second, and a
 burst of a few requests in one second would be refused by it, as it should."""
@@ -11,6 +12,7 @@ import json
 import os
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,13 @@ def admin_key() -> str:
     return "sk-" + (cache / "demo" / "admin-key").read_text().split()[0]
 
 
+@pytest.fixture(scope="module")
+def demo_key() -> str:
+    # The demo inventory's user key: 4 concurrent requests.
+    cache = Path(os.environ["LLMHOST_CACHE_DIR"])
+    return "sk-" + (cache / "demo" / "demo-key").read_text().split()[0]
+
+
 def _under_load(host, key: str, *action: str) -> dict:
     with host.sudo():  # the action (systemctl) needs root
         command = "python3 -c %s %s %s" + " %s" * len(action)
@@ -137,6 +146,99 @@ def test_a_gateway_restart_under_load_refuses_no_connection_and_drops_no_request
     ]
     assert others == [], others[:5]
     print(f"429 from the global limits after the restart: {len(result['failed'])}")
+
+
+# Run on the stack host as root: four long streams of `key` (the demo key: 4 concurrent)
+# hold its slots; `systemctl restart llm-proxy` starts; a second later six more requests
+# of the key are sent while it runs.
+HOLD_ACROSS_RESTART = textwrap.dedent(
+    """
+    import http.client, json, subprocess, sys, threading, time
+    key = sys.argv[1]
+    out, lock, admitted = {"held": [], "during": []}, threading.Lock(), threading.Semaphore(0)
+    headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+
+    def post(body):
+        c = http.client.HTTPConnection("127.0.0.1", 8000, timeout=180)
+        c.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        return c.getresponse()
+
+    def hold(n):
+        r = post({"model": "tiny", "max_tokens": 200, "ignore_eos": True, "stream": True,
+                  "messages": [{"role": "user", "content": "hold %d" % n}]})
+        first = r.readline()  # the first event: admitted, streaming
+        admitted.release()
+        rest = (first + r.read()).decode(errors="replace")
+        with lock:
+            out["held"].append({"status": r.status, "done": rest.rstrip().endswith("data: [DONE]")})
+
+    def during(n):
+        r = post({"model": "tiny", "max_tokens": 100, "ignore_eos": True,
+                  "messages": [{"role": "user", "content": "during %d" % n}]})
+        body = r.read().decode(errors="replace")
+        with lock:
+            out["during"].append({"status": r.status, "body": body[:300]})
+
+    # nginx drops idle gateway connections after 4 s: none of an earlier test's is left to
+    # carry a request to the old process; only the four streams' connections are there.
+    time.sleep(5)
+    holders = [threading.Thread(target=hold, args=(n,)) for n in range(4)]
+    for t in holders:
+        t.start()
+    for _ in holders:
+        assert admitted.acquire(timeout=120)
+    out["since"] = time.time()
+    restart = subprocess.Popen(["systemctl", "restart", "llm-proxy"])
+    time.sleep(1)  # the old process has stopped taking connections: these wait in the socket
+    others = [threading.Thread(target=during, args=(n,)) for n in range(6)]
+    for t in others:
+        t.start()
+    out["restart_rc"] = restart.wait()
+    for t in holders + others:
+        t.join(180)
+    print(json.dumps(out))
+    """
+)
+
+
+def _max_overlap(records: list[dict]) -> int:
+    """The most requests in flight at once, from the request log's end and duration."""
+    events = []
+    for r in records:
+        end = datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).timestamp()
+        events += [(end - r["duration_ms"] / 1000, 1), (end, -1)]
+    in_flight = peak = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # an end before a start
+        in_flight += step
+        peak = max(peak, in_flight)
+    return peak
+
+
+def test_a_keys_concurrency_limit_holds_across_a_gateway_restart(host, demo_key):
+    """The demo key admits 4 at once. Four long streams hold its slots when `systemctl
+    restart llm-proxy` starts; six more requests of the key arrive during the restart. The
+    old process ends the four streams whole before it exits (systemd starts the next only
+    then); the new process admits exactly 4 of the six and refuses 2 for concurrency; and
+    the gateway's request log never has more than 4 of the key's requests at once."""
+    before = _main_pid(host, "llm-proxy")
+    with host.sudo():
+        run = host.run("python3 -c %s %s", HOLD_ACROSS_RESTART, demo_key)
+    assert run.rc == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    assert out["restart_rc"] == 0
+    assert _main_pid(host, "llm-proxy") != before
+    assert out["held"] == [{"status": 200, "done": True}] * 4, out["held"]
+    statuses = sorted(r["status"] for r in out["during"])
+    assert statuses == [200] * 4 + [429] * 2, out["during"]
+    for r in out["during"]:
+        assert r["status"] == 200 or "concurrent requests (4)" in r["body"], r
+    log = host.run(
+        "journalctl -u llm-proxy -o cat --no-pager --since @%s", str(int(out["since"]) - 60)
+    ).stdout
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    mine = [r for r in records if r.get("event") == "request" and r.get("user") == "demo"]
+    assert len(mine) >= 4 + 6, len(mine)
+    assert _max_overlap(mine) == 4
 
 
 def test_llmhost_target_stops_and_starts_the_whole_stack(host, admin_key):
