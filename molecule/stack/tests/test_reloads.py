@@ -148,14 +148,17 @@ def test_a_gateway_restart_under_load_refuses_no_connection_and_drops_no_request
     print(f"429 from the global limits after the restart: {len(result['failed'])}")
 
 
-# Run on the stack host as root: four long streams of `key` (the demo key: 4 concurrent)
-# hold its slots; `systemctl restart llm-proxy` starts; a second later six more requests
-# of the key are sent while it runs.
+# Run on the stack host as root, with vLLM's API server frozen (SIGSTOP) so that requests stay
+# in flight for as long as the script says: four streams of `key` (the demo key: 4 concurrent)
+# take its slots; a fifth is refused; `systemctl restart llm-proxy` starts (the old process
+# waits for the four); half a second later six more requests of the key are sent; a second
+# after that vLLM goes on (SIGCONT), the four end, the old process exits and the new one
+# takes what waited.
 HOLD_ACROSS_RESTART = textwrap.dedent(
     """
-    import http.client, json, subprocess, sys, threading, time
-    key = sys.argv[1]
-    out, lock, admitted = {"held": [], "during": []}, threading.Lock(), threading.Semaphore(0)
+    import http.client, json, os, signal, subprocess, sys, threading, time
+    key, vllm = sys.argv[1], int(sys.argv[2])
+    out, lock = {"held": [], "during": []}, threading.Lock()
     headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
 
     def post(body):
@@ -164,11 +167,9 @@ HOLD_ACROSS_RESTART = textwrap.dedent(
         return c.getresponse()
 
     def hold(n):
-        r = post({"model": "tiny", "max_tokens": 200, "ignore_eos": True, "stream": True,
+        r = post({"model": "tiny", "max_tokens": 20, "stream": True,
                   "messages": [{"role": "user", "content": "hold %d" % n}]})
-        first = r.readline()  # the first event: admitted, streaming
-        admitted.release()
-        rest = (first + r.read()).decode(errors="replace")
+        rest = r.read().decode(errors="replace")
         with lock:
             out["held"].append({"status": r.status, "done": rest.rstrip().endswith("data: [DONE]")})
 
@@ -179,20 +180,25 @@ HOLD_ACROSS_RESTART = textwrap.dedent(
         with lock:
             out["during"].append({"status": r.status, "body": body[:300]})
 
-    # nginx drops idle gateway connections after 4 s: none of an earlier test's is left to
-    # carry a request to the old process; only the four streams' connections are there.
+    # nginx drops idle gateway connections after 4 s: none of an earlier test's is left.
     time.sleep(5)
-    holders = [threading.Thread(target=hold, args=(n,)) for n in range(4)]
-    for t in holders:
-        t.start()
-    for _ in holders:
-        assert admitted.acquire(timeout=120)
     out["since"] = time.time()
-    restart = subprocess.Popen(["systemctl", "restart", "llm-proxy"])
-    time.sleep(1)  # the old process has stopped taking connections: these wait in the socket
-    others = [threading.Thread(target=during, args=(n,)) for n in range(6)]
-    for t in others:
-        t.start()
+    os.kill(vllm, signal.SIGSTOP)
+    try:
+        holders = [threading.Thread(target=hold, args=(n,)) for n in range(4)]
+        for t in holders:
+            t.start()
+        time.sleep(1)
+        out["fifth"] = post({"model": "tiny", "max_tokens": 1,
+                             "messages": [{"role": "user", "content": "fifth"}]}).status
+        restart = subprocess.Popen(["systemctl", "restart", "llm-proxy"])
+        time.sleep(0.5)
+        others = [threading.Thread(target=during, args=(n,)) for n in range(6)]
+        for t in others:
+            t.start()
+        time.sleep(1)
+    finally:  # within the gateway's 5 s connect timeout to vLLM (a new connection waits it out)
+        os.kill(vllm, signal.SIGCONT)
     out["restart_rc"] = restart.wait()
     for t in holders + others:
         t.join(180)
@@ -215,30 +221,37 @@ def _max_overlap(records: list[dict]) -> int:
 
 
 def test_a_keys_concurrency_limit_holds_across_a_gateway_restart(host, demo_key):
-    """The demo key admits 4 at once. Four long streams hold its slots when `systemctl
-    restart llm-proxy` starts; six more requests of the key arrive during the restart. The
-    old process ends the four streams whole before it exits (systemd starts the next only
-    then); the new process admits exactly 4 of the six and refuses 2 for concurrency; and
-    the gateway's request log never has more than 4 of the key's requests at once."""
+    """The demo key admits 4 at once. Four streams hold its slots (vLLM frozen), a fifth is
+    refused, and `systemctl restart llm-proxy` starts; six more requests of the key arrive
+    during the restart. The old process ends the four streams whole before it exits
+    (systemd starts the next only then) and refuses what reaches it meanwhile; the new one
+    admits 4 of what waited: of the six, exactly 4 answered and 2 refused for concurrency;
+    and the gateway's request log never has more than 4 of the key's requests at once."""
     before = _main_pid(host, "llm-proxy")
+    vllm = _main_pid(host, "vllm")
     with host.sudo():
-        run = host.run("python3 -c %s %s", HOLD_ACROSS_RESTART, demo_key)
+        run = host.run("python3 -c %s %s %s", HOLD_ACROSS_RESTART, demo_key, vllm)
     assert run.rc == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)
     assert out["restart_rc"] == 0
     assert _main_pid(host, "llm-proxy") != before
+    assert out["fifth"] == 429
     assert out["held"] == [{"status": 200, "done": True}] * 4, out["held"]
     statuses = sorted(r["status"] for r in out["during"])
     assert statuses == [200] * 4 + [429] * 2, out["during"]
     for r in out["during"]:
         assert r["status"] == 200 or "concurrent requests (4)" in r["body"], r
     log = host.run(
-        "journalctl -u llm-proxy -o cat --no-pager --since @%s", str(int(out["since"]) - 60)
+        "journalctl -u llm-proxy -o cat --no-pager --since @%s", str(int(out["since"]) - 1)
     ).stdout
     records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    mine = [r for r in records if r.get("event") == "request" and r.get("user") == "demo"]
-    assert len(mine) >= 4 + 6, len(mine)
-    assert _max_overlap(mine) == 4
+    admitted = [
+        r
+        for r in records
+        if r.get("event") == "request" and r.get("user") == "demo" and r.get("status") == 200
+    ]
+    assert len(admitted) == 4 + 4, admitted
+    assert _max_overlap(admitted) == 4
 
 
 def test_llmhost_target_stops_and_starts_the_whole_stack(host, admin_key):
