@@ -153,10 +153,14 @@ def test_qps_5_holds_across_both_gateways(cluster: Cluster, keys):
     assert len(records) == 20, len(records)
     admitted = sorted(r["start"] for r in records if r["status"] == 200)
     assert len(admitted) == results.count(200)
-    # 0.98 s: the 20 ms between a request's arrival and the limiter's decision (a Redis
-    # round trip on the same machine) must not count as a second.
+    # The limiter decides on Redis' clock, some time after a request reached its gateway:
+    # a Redis round trip, 20 ms on an idle machine, but in a CI run six arrivals fell within
+    # 0.86 s (three at once, three more 0.84 s later) that Redis admitted more than a
+    # second apart. So windows of 0.75 s: what a shared limit allows (5) with up to 250 ms
+    # of that delay; a limit each gateway kept on its own (10 a second for 20 requests sent
+    # as fast as possible) would put more in one.
     for i, t in enumerate(admitted):
-        within = [u for u in admitted[i:] if u < t + 0.98]
+        within = [u for u in admitted[i:] if u < t + 0.75]
         assert len(within) <= 5, [round(u - admitted[0], 3) for u in admitted]
     assert len(admitted) >= 5, results
 
