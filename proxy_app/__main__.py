@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -35,7 +36,77 @@ def _systemd_socket() -> socket.socket | None:
     return socket.socket(fileno=3)  # SD_LISTEN_FDS_START
 
 
-def _serve(config: Config, path: Path) -> int:
+def _notify(state: str) -> None:
+    """Tell systemd (Type=notify units) how the gateway is doing: READY=1 once it serves,
+    STOPPING=1 when it starts to drain. Nothing to do outside systemd (no NOTIFY_SOCKET)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.sendto(state.encode(), address)
+
+
+def _server_class() -> type:
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling systemd when it is ready: `systemctl start` (and the
+        ExecStartPost that restarts the standby gateway after this one) waits for that.
+
+        A standby (``standby_socket``: the gateway's listening socket, handed over by
+        systemd too) serves its own port from the start and, from SIGUSR1 on (the gateway's
+        ExecStop: the gateway is stopping), the gateway's socket as well: the connections
+        that arrive while the gateway restarts are answered, not queued. systemd keeps that
+        socket open throughout, so no connection waiting in its queue is ever reset."""
+
+        standby_socket: socket.socket | None = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.started:
+                return
+            if self.standby_socket is not None:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._take_over)
+            logging.getLogger("uvicorn.error").info("Ready: serving requests")
+            _notify("READY=1")
+
+        def _take_over(self) -> None:
+            task = asyncio.get_running_loop().create_task(self._serve_gateway_socket())
+            task.add_done_callback(lambda t: t.exception())
+
+        async def _serve_gateway_socket(self) -> None:
+            sock, self.standby_socket = self.standby_socket, None
+            if sock is None or self.should_exit:
+                return  # already serving it, or stopping
+            config = self.config
+
+            def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+                return config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config,
+                    server_state=self.server_state,
+                    app_state=self.lifespan.state,
+                    _loop=_loop,
+                )
+
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(create_protocol, sock=sock, backlog=config.backlog)
+            self.servers.append(server)  # closed with the others when this process stops
+            logging.getLogger("uvicorn.error").info(
+                "Standby: serving the gateway's socket while the gateway restarts"
+            )
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            _notify("STOPPING=1")
+            await super().shutdown(sockets=sockets)
+
+    return Server
+
+
+def _serve(config: Config, path: Path, standby: bool = False) -> int:
     import uvicorn
 
     from .app import create_app
@@ -49,7 +120,7 @@ def _serve(config: Config, path: Path) -> int:
         lg.handlers = [handler]
         lg.setLevel(config.log_level.upper())
         lg.propagate = False
-    server = uvicorn.Server(
+    server = _server_class()(
         uvicorn.Config(
             app,
             host=config.fastapi_host,
@@ -70,6 +141,10 @@ def _serve(config: Config, path: Path) -> int:
         )
     )
     inherited = _systemd_socket()
+    if standby:
+        # Its own port (fastapi_port) now; the gateway's socket once the gateway stops.
+        server.standby_socket = inherited
+        inherited = None
     server.run(sockets=[inherited] if inherited is not None else None)
     return 0 if server.started else 1
 
@@ -118,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     p_serve = sub.add_parser("serve", help="serve the gateway (the default)")
     p_serve.add_argument("--config", type=Path, dest="sub_config")
+    p_serve.add_argument(
+        "--standby",
+        action="store_true",
+        help="serve fastapi_port; serve the socket systemd hands over only after SIGUSR1",
+    )
     p_check = sub.add_parser("check-config", help="validate the config and the keys file")
     p_check.add_argument("--config", type=Path, dest="sub_config")
     p_keys = sub.add_parser("check-keys", help="validate a keys file on its own")
@@ -147,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KeysFileError) as e:
         print(str(e), file=sys.stderr)
         return EXIT_CONFIG
-    return _serve(config, path)
+    return _serve(config, path, standby=getattr(args, "standby", False))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,10 @@ class Gateway:
                 socket_connect_timeout=2.0,
                 health_check_interval=1,
                 retry=Retry(NoBackoff(), 1),
+                # redis-py's pool refuses a command past 100 connections in use
+                # (MaxConnectionsError, a 503 here): a burst (the requests a standby takes
+                # while its gateway restarts) had more Redis commands at once.
+                max_connections=1024,
             )
             self.usage = RedisUsageStore(self._redis, c.redis_prefix)
         else:

@@ -97,3 +97,9 @@ class _Handler(logging.Handler):
 def timestamp(now: float) -> str:
     """ISO 8601 UTC with milliseconds."""
     return _timestamp(now)
+
+
+def error_text(e: BaseException) -> str:
+    """An exception for the log: its class and message ("ResponseError: BUSY ..."). Not
+    repr(): redis-py 8's repr of its errors names a category and the class only."""
+    return f"{type(e).__name__}: {e}"

@@ -22,7 +22,7 @@ from .asgi import Receive, Send, read_body, respond
 from .errors import ApiError, bad_request, error_body, upstream_error, upstream_timeout
 from .errors import upstream_unavailable as unavailable
 from .keys import ApiKey, KeyStore, check_model
-from .logs import JsonLog
+from .logs import JsonLog, error_text
 from .metrics import Metrics
 from .outcome import Outcome, Tokens
 from .ratelimit import Admission, Limiter, requested_max_tokens
@@ -256,7 +256,7 @@ class Proxy:
         except Exception as e:
             # Redis gone: refuse rather than serve without limits and quotas.
             self.log.log(
-                "error", "limit_store_failed", request_id=outcome.request_id, error=repr(e)
+                "error", "limit_store_failed", request_id=outcome.request_id, error=error_text(e)
             )
             raise ApiError(
                 503,
@@ -277,7 +277,7 @@ class Proxy:
                 await self.limiter.release(admission)
             except Exception as e:
                 # The lease expires by itself (request timeout + margin).
-                self.log.log("error", "limit_release_failed", error=repr(e))
+                self.log.log("error", "limit_release_failed", error=error_text(e))
 
     async def _forward(
         self, receive: Receive, send: Send, outcome: Outcome, key: ApiKey, req: ParsedRequest
@@ -457,7 +457,7 @@ class Proxy:
                 user=key.user,
                 prompt_tokens=tokens.prompt,
                 completion_tokens=tokens.completion,
-                error=repr(e),
+                error=error_text(e),
             )
             raise ApiError(
                 503,

@@ -65,6 +65,7 @@ import orjson
 from .apis import APIS
 from .config import ENDPOINTS, RateLimit, Reservation
 from .errors import ApiError, Headers
+from .logs import error_text
 from .usage import UsageSpool, UsageStore, quota_exhausted, quota_label, redis_usage_hashes
 
 if TYPE_CHECKING:
@@ -888,7 +889,7 @@ class Limiter:
             self.log.log(
                 "warning",
                 "limits_local",
-                error=repr(e),
+                error=error_text(e),
                 gateway_count=self.gateway_count,
                 message="Redis unreachable: enforcing limits / gateway_count locally and "
                 "spooling usage until it is back",
@@ -905,7 +906,7 @@ class Limiter:
                 replayed = await self._replay()
             except Exception as e:
                 if not _is_redis_down(e) and self.log is not None:
-                    self.log.log("error", "usage_replay_failed", error=repr(e))
+                    self.log.log("error", "usage_replay_failed", error=error_text(e))
                 continue
             if self.local and not self.spool.count():
                 self.local = False

@@ -25,7 +25,9 @@ from proxy_harness import (
     Upstream,
     checkout_env,
     default_keys,
+    free_port,
     start,
+    wait_http_ok,
 )
 
 from proxy_app.framing import SHUTDOWN_IDLE_SECONDS
@@ -137,3 +139,73 @@ def test_a_restart_on_a_handed_over_socket_fails_no_request(fake: Upstream, tmp_
                 new.stop()
         finally:
             old.stop()
+
+
+def test_systemd_hears_ready_once_the_gateway_serves_and_stopping_when_it_drains(
+    fake: Upstream, tmp_path: Path
+):
+    """Type=notify: `systemctl start llm-proxy` returns, and the unit's ExecStartPost
+    restarts the standby gateway, only once this one answers; READY=1 must therefore come
+    after the gateway serves, never before, and STOPPING=1 when it begins to stop."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    port = free_port()
+    config = _config(tmp_path, fake, port)
+    env = {**checkout_env(), "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc = start(
+        [sys.executable, "-m", "proxy_app", "--config", str(config)], tmp_path / "g.log", env=env
+    )
+    try:
+        assert notify.recv(64) == b"READY=1"
+        # Ready means serving: the first request after READY=1 is answered.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        assert _post(conn, CHAT)[0] == 200
+        proc._signal(15)
+        assert notify.recv(64) == b"STOPPING=1"
+        proc.popen.wait(SHUTDOWN_IDLE_SECONDS + 20)
+    finally:
+        proc.stop()
+        notify.close()
+
+
+def test_a_standby_serves_the_gateways_socket_only_from_sigusr1_on(fake: Upstream, tmp_path: Path):
+    """The standby (llm-proxy-standby.service) gets the gateway's socket from systemd too,
+    but leaves it to the gateway: it answers its own port at once, and a connection on the
+    gateway's socket waits in the queue until SIGUSR1 (the gateway's ExecStop: it is
+    stopping), then the standby answers it. The queue is never dropped meanwhile."""
+    with _listener() as listener:
+        shared = listener.getsockname()[1]
+        own = free_port()
+        config = _config(tmp_path, fake, own)
+        n = listener.fileno()
+        script = (
+            f'exec 3<&{n}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" -m proxy_app serve '
+            '--config "$1" --standby'
+        )
+        standby = start(
+            ["bash", "-c", script, sys.executable, str(config)],
+            tmp_path / "standby.log",
+            env=checkout_env(),
+            pass_fds=(n,),
+        )
+        try:
+            wait_http_ok(standby, f"http://127.0.0.1:{own}/health", 30, "the standby")
+            assert _post(http.client.HTTPConnection("127.0.0.1", own, timeout=10), CHAT)[0] == 200
+
+            queued: dict[str, Any] = {}
+
+            def on_shared() -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", shared, timeout=30)
+                queued["answer"] = _post(conn, CHAT)
+
+            q = threading.Thread(target=on_shared)
+            q.start()
+            time.sleep(2)
+            assert "answer" not in queued, "the standby took the gateway's socket unasked"
+            standby._signal(10)  # SIGUSR1
+            q.join(30)
+            assert queued["answer"][0] == 200, queued
+            assert "serving the gateway's socket" in standby.output()
+        finally:
+            standby.stop()

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ SCENARIO = Path(__file__).resolve().parent.parent
 GPU_HOSTS = ("llmhost-gpu1", "llmhost-gpu2")
 GATEWAYS = ("llmhost-gw1", "llmhost-gw2")
 REDIS = "llmhost-redis"  # also the monitoring host
+# Both gateway processes of a gateway host (the standby answers while the gateway restarts),
+# as journalctl's arguments: their request logs.
+GATEWAY_UNITS = "-u llm-proxy -u llm-proxy-standby"
 
 
 def inventory() -> str:
@@ -192,7 +196,8 @@ class Cluster:
         and ``end`` of the request (epoch seconds)."""
         out = []
         for gw in GATEWAYS:
-            text = self.run(gw, f"journalctl -u llm-proxy -o cat --no-pager --since @{int(since)}")
+            since_arg = f"--since @{int(since)}"
+            text = self.run(gw, f"journalctl {GATEWAY_UNITS} -o cat --no-pager {since_arg}")
             for line in text.splitlines():
                 if not line.startswith("{"):
                     continue
@@ -217,7 +222,7 @@ class Cluster:
         wanted = set(ids)
         found: dict[str, str] = {}
         for gw in GATEWAYS:
-            out = self.run(gw, "journalctl -u llm-proxy -o cat --no-pager -n 20000")
+            out = self.run(gw, f"journalctl {GATEWAY_UNITS} -o cat --no-pager -n 20000")
             for line in out.splitlines():
                 if not line.startswith("{"):
                     continue
@@ -314,3 +319,95 @@ def wait_until(
             return time.monotonic() - start
         time.sleep(interval)
     raise AssertionError(f"{what}: not within {timeout} s")
+
+
+class SteadyLoad:
+    """``rate`` requests a second through one gateway, each on its own thread, for as long
+    as the ``with`` block lasts: chat completions, every other one streamed, or with
+    ``completions_every`` > 1 one chat completion in that many and the others GET
+    /v1/models (also answered by vLLM, without generating). What each got: the status, and
+    for a stream whether it ended with [DONE] and no error event."""
+
+    def __init__(self, url: str, key: str, rate: float, completions_every: int = 1) -> None:
+        self.url, self.key, self.interval = url, key, 1 / rate
+        self.completions_every = completions_every
+        self.results: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _one(self, n: int) -> None:
+        body = {
+            "model": "tiny",
+            # Short answers: the load must not starve the restarting vLLM of the CPU it
+            # loads with (this machine's 2 cores serve every test host).
+            "max_tokens": 2,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Steady request {n}."}],
+        }
+        chat, k = n % self.completions_every == 0, n // self.completions_every
+        out: dict[str, Any] = {"n": n, "stream": chat and k % 2 == 1, "chat": chat}
+        try:
+            if not chat:
+                r = CLIENT.get(f"{self.url}/v1/models", headers=_auth(self.key), timeout=120)
+                out["status"] = r.status_code
+                if r.status_code != 200:
+                    out["body"] = r.text[:300]
+            elif out["stream"]:
+                body["stream"] = True
+                with CLIENT.stream(
+                    "POST",
+                    f"{self.url}/v1/chat/completions",
+                    json=body,
+                    headers=_auth(self.key),
+                    timeout=120,
+                ) as r:
+                    out["status"] = r.status_code
+                    lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+                out["done"] = bool(lines) and lines[-1] == "data: [DONE]"
+                events = [json.loads(x[6:]) for x in lines if x != "data: [DONE]"]
+                out["error_events"] = [e for e in events if "error" in e]
+            else:
+                r = CLIENT.post(
+                    f"{self.url}/v1/chat/completions",
+                    json=body,
+                    headers=_auth(self.key),
+                    timeout=120,
+                )
+                out["status"] = r.status_code
+                if r.status_code != 200:
+                    out["body"] = r.text[:300]
+        except httpx.HTTPError as e:
+            out["exception"] = repr(e)
+        with self._lock:
+            self.results.append(out)
+
+    def _run(self) -> None:
+        n = 0
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            t = threading.Thread(target=self._one, args=(n,), daemon=True)
+            t.start()
+            self._threads.append(t)
+            n += 1
+            next_at += self.interval
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def __enter__(self) -> SteadyLoad:
+        self._runner = threading.Thread(target=self._run, daemon=True)
+        self._runner.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._runner.join()
+        for t in self._threads:
+            t.join(150)
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.results
+            if r.get("status") != 200
+            or (r["stream"] and (not r.get("done") or r.get("error_events")))
+        ]

@@ -3,7 +3,9 @@ address behind the nftables rule, Redis answering only with its password, AOF on
 
 from __future__ import annotations
 
+import json
 import re
+import time
 
 import pytest
 
@@ -70,6 +72,57 @@ def test_gateway_hosts_run_the_gateway_with_every_backend_and_redis(host):
     assert "models:" in config and "redis_url: redis://" in config and "gateway_count: 2" in config
     # No vLLM here, and no firewall asked for.
     assert not host.service("vllm.service").is_running
+
+
+def test_gateway_hosts_run_a_standby_gateway_on_the_gateways_socket(host):
+    """With Redis, a standby gateway on its own loopback port gets the gateway's socket from
+    systemd too; the gateway's ExecStop hands it over, its ExecStartPost restarts it."""
+    if "gateway" not in _groups(host):
+        pytest.skip("not a gateway host")
+    assert host.service("llm-proxy-standby.service").is_running
+    assert host.service("llm-proxy-standby.service").is_enabled
+    assert host.service("llm-proxy.socket").is_running
+    assert _listening(host, 8001) == {"127.0.0.1"}
+    assert _listening(host, 8011) == {"127.0.0.1"}
+    with host.sudo():
+        standby = host.check_output("cat /etc/llm-proxy/standby.yaml")
+        nginx = host.check_output("cat /etc/nginx/nginx.conf")
+    assert "fastapi_port: 8011" in standby and "state_dir: /var/lib/llm-proxy-standby" in standby
+    assert "location = /metrics/standby" in nginx
+    assert "proxy_pass http://127.0.0.1:8011/metrics;" in nginx
+    unit = host.check_output("systemctl cat llm-proxy.service")
+    assert "Type=notify" in unit
+    assert "ExecStartPost=-+/bin/systemctl --no-block try-restart llm-proxy-standby.service" in unit
+    assert "ExecStop=-+/bin/systemctl kill --kill-whom=main --signal=SIGUSR1" in unit
+    unit = host.check_output("systemctl cat llm-proxy-standby.service")
+    assert "Sockets=llm-proxy.socket" in unit and " --standby" in unit
+    assert "llm-proxy-standby.service" in host.check_output(
+        "systemctl list-dependencies llmhost.target --plain"
+    )
+
+
+def test_prometheus_scrapes_both_processes_of_each_gateway(host):
+    if "monitoring" not in _groups(host):
+        pytest.skip("not a monitoring host")
+    expected = {
+        (gw, process) for gw in ("llmhost-gw1", "llmhost-gw2") for process in ("", "standby")
+    }
+    deadline = time.monotonic() + 90  # a first scrape of each target
+    while True:
+        targets = json.loads(
+            host.check_output("curl -sf 'http://127.0.0.1:9090/api/v1/targets?state=active'")
+        )["data"]["activeTargets"]
+        found = {
+            (t["labels"]["instance"], t["labels"].get("process", "")): t["health"]
+            for t in targets
+            if t["labels"]["job"] == "llm-gateway"
+        }
+        if (
+            set(found) == expected and set(found.values()) == {"up"}
+        ) or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert set(found) == expected and set(found.values()) == {"up"}, found
 
 
 def test_redis_answers_ping_with_the_password_only(host):

@@ -298,8 +298,8 @@ def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, ba
         return out
 
     urls = [gateway_url(gw) for gw in GATEWAYS]
-    # At most 40 requests a second: the scenario's global limit is 50 a second, and with
-    # the hot prompt cached the 24 clients went past it (429s, in CI).
+    # At most 40 requests a second: with the hot prompt cached, the 24 clients went past
+    # the global limit of the time, 50 a second (429s, in CI).
     start = time.monotonic() + 1
 
     def paced(k: int, body: dict[str, Any]) -> httpx.Response:

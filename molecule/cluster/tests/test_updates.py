@@ -7,19 +7,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from cluster import (
-    CLIENT,
     GATEWAYS,
     GPU_HOSTS,
     SCENARIO,
     Cluster,
-    _auth,
+    SteadyLoad,
     gateway_url,
     inventory,
 )
@@ -31,89 +28,6 @@ PROJECT = SCENARIO.parent.parent
 SPANNING = "llmhost-gpu1/other"
 # Where the README's figure of the roll comes from (tools/readme_figures.py).
 ROLL_RESULTS = SCENARIO / "roll.json"
-
-
-class SteadyLoad:
-    """``rate`` chat requests a second through one gateway, every other one streamed, each
-    on its own thread, for as long as the ``with`` block lasts. What each got: the status,
-    and for a stream whether it ended with [DONE] and no error event."""
-
-    def __init__(self, url: str, key: str, rate: float) -> None:
-        self.url, self.key, self.interval = url, key, 1 / rate
-        self.results: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def _one(self, n: int) -> None:
-        body = {
-            "model": "tiny",
-            # Short answers: the load must not starve the restarting vLLM of the CPU it
-            # loads with (this machine's 2 cores serve every test host).
-            "max_tokens": 2,
-            "ignore_eos": True,
-            "messages": [{"role": "user", "content": f"Steady request {n}."}],
-        }
-        out: dict[str, Any] = {"n": n, "stream": n % 2 == 1}
-        try:
-            if out["stream"]:
-                body["stream"] = True
-                with CLIENT.stream(
-                    "POST",
-                    f"{self.url}/v1/chat/completions",
-                    json=body,
-                    headers=_auth(self.key),
-                    timeout=120,
-                ) as r:
-                    out["status"] = r.status_code
-                    lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-                out["done"] = bool(lines) and lines[-1] == "data: [DONE]"
-                events = [json.loads(x[6:]) for x in lines if x != "data: [DONE]"]
-                out["error_events"] = [e for e in events if "error" in e]
-            else:
-                r = CLIENT.post(
-                    f"{self.url}/v1/chat/completions",
-                    json=body,
-                    headers=_auth(self.key),
-                    timeout=120,
-                )
-                out["status"] = r.status_code
-                if r.status_code != 200:
-                    out["body"] = r.text[:300]
-        except httpx.HTTPError as e:
-            out["exception"] = repr(e)
-        with self._lock:
-            self.results.append(out)
-
-    def _run(self) -> None:
-        n = 0
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            t = threading.Thread(target=self._one, args=(n,), daemon=True)
-            t.start()
-            self._threads.append(t)
-            n += 1
-            next_at += self.interval
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def __enter__(self) -> SteadyLoad:
-        self._runner = threading.Thread(target=self._run, daemon=True)
-        self._runner.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._runner.join()
-        for t in self._threads:
-            t.join(150)
-
-    def failures(self) -> list[dict[str, Any]]:
-        return [
-            r
-            for r in self.results
-            if r.get("status") != 200
-            or (r["stream"] and (not r.get("done") or r.get("error_events")))
-        ]
 
 
 def _vllm_processes(cluster: Cluster) -> dict[tuple[str, str], tuple[str, str]]:
@@ -128,10 +42,10 @@ def _vllm_processes(cluster: Cluster) -> dict[tuple[str, str], tuple[str, str]]:
     return out
 
 
-def _drain_events(cluster: Cluster, since: str) -> list[dict[str, Any]]:
+def _drain_events(cluster: Cluster, since: str, unit: str = "llm-proxy") -> list[dict[str, Any]]:
     events = []
     for gw in GATEWAYS:
-        lines = cluster.run(gw, f"journalctl -u llm-proxy -o cat --no-pager --since '{since}'")
+        lines = cluster.run(gw, f"journalctl -u {unit} -o cat --no-pager --since '{since}'")
         for line in lines.splitlines():
             if '"backend_draining"' in line or '"backend_undrained"' in line:
                 events.append({"gateway": gw, **json.loads(line)})
@@ -200,6 +114,16 @@ def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Clus
     for gw in GATEWAYS:
         kinds = [e["event"] for e in events if e["backend"] == SPANNING and e["gateway"] == gw]
         assert kinds == ["backend_draining", "backend_undrained"] * 2, (gw, kinds)
+    # The standby gateways, which serve while their gateway restarts, drained them too.
+    standby = _drain_events(cluster, since, "llm-proxy-standby")
+    for h in GPU_HOSTS:
+        for gw in GATEWAYS:
+            kinds = {
+                e["event"]
+                for e in standby
+                if e["gateway"] == gw and e["backend"].startswith(f"{h}/")
+            }
+            assert kinds == {"backend_draining", "backend_undrained"}, (h, gw, kinds)
     print(f"out of rotation per host (s): {out_of_rotation}")
     ROLL_RESULTS.write_text(
         json.dumps(

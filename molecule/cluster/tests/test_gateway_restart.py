@@ -1,0 +1,178 @@
+"""`systemctl restart llm-proxy` on a gateway host under load fails no request: while the
+gateway restarts, the standby gateway (llm-proxy-standby.service) answers on the gateway's
+socket (systemd hands it to both; the gateway's ExecStop tells the standby), and restarts in
+its turn once the gateway is ready again. Both keep the limits in Redis, so a key's
+concurrency limit holds across the restart, whichever process answers.
+
+Real requests from the controller through gw1's nginx; the processes' timestamps and
+request logs are read from systemd and the journal on gw1.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from typing import Any
+
+from cluster import (
+    GATEWAYS,
+    Cluster,
+    SteadyLoad,
+    gateway_url,
+    wait_until,
+)
+
+testinfra_hosts = ["ansible://llmhost-gw1"]
+
+GW = GATEWAYS[0]
+UNITS = ("llm-proxy", "llm-proxy-standby")
+
+
+def _unit(cluster: Cluster, unit: str) -> dict[str, str]:
+    props = "MainPID,ActiveState,Job,ActiveEnterTimestampMonotonic,ActiveExitTimestampMonotonic"
+    out = cluster.run(GW, f"systemctl show -p {props} {unit}")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _settled(cluster: Cluster, before: dict[str, dict[str, str]]) -> bool:
+    """Both processes restarted (new PIDs), active, with no job left."""
+    now = {u: _unit(cluster, u) for u in UNITS}
+    return all(
+        now[u]["MainPID"] != before[u]["MainPID"]
+        and now[u]["ActiveState"] == "active"
+        and not now[u]["Job"]
+        for u in UNITS
+    )
+
+
+def _logged_at(cluster: Cluster, unit: str, pid: str, text: str, since: float) -> float:
+    """When (epoch s) process ``pid`` of ``unit`` first logged a line containing ``text``."""
+    out = cluster.run(GW, f"journalctl -u {unit} _PID={pid} -o json --since @{int(since)}")
+    for line in out.splitlines():
+        entry = json.loads(line)
+        if text in str(entry.get("MESSAGE", "")):
+            return int(entry["__REALTIME_TIMESTAMP"]) / 1e6
+    raise AssertionError(f"{unit} ({pid}) did not log {text!r}")
+
+
+def _requests(cluster: Cluster, unit: str, since: float, user: str) -> list[dict[str, Any]]:
+    """Request log records of ``user`` that ``unit`` wrote since ``since`` (epoch s)."""
+    text = cluster.run(GW, f"journalctl -u {unit} -o cat --no-pager --since @{int(since)}")
+    records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [r for r in records if r.get("event") == "request" and r.get("user") == user]
+
+
+def test_a_gateway_restart_under_50_requests_a_second_fails_none(cluster: Cluster, user_key):
+    """50 requests a second through gw1 while `systemctl restart llm-proxy` runs there,
+    one in five a chat completion (every other one of those streamed), the others GET
+    /v1/models (50 completions a second overloaded the CPU test hosts: the global
+    concurrency limit refused some before any restart): every answer 200, every stream
+    whole. The gateway and then the standby got new PIDs, the standby's stop began only
+    once the new gateway was active (ExecStartPost, After=), and the standby answered
+    requests of the load: the ones that came while the gateway restarted."""
+    before = {u: _unit(cluster, u) for u in UNITS}
+    since = time.time()
+    start = time.monotonic()
+    with SteadyLoad(gateway_url(GW), user_key, rate=50, completions_every=5) as load:
+        time.sleep(3)  # the load is on before the restart
+        cluster.run(GW, "systemctl restart llm-proxy")
+        wait_until(lambda: _settled(cluster, before), 90, "both gateway processes restarted")
+        time.sleep(3)  # and stays on after it
+    seconds = time.monotonic() - start
+    results = load.results
+    chats = sum(r["chat"] for r in results)
+    print(f"restart under load: {len(results)} requests ({chats} chat) in {seconds:.0f} s")
+    assert len(results) >= 50 * seconds * 0.8, len(results)
+    assert load.failures() == [], load.failures()[:5]
+
+    after = {u: _unit(cluster, u) for u in UNITS}
+    # The new gateway served (uvicorn logs this just before READY=1) before the old standby
+    # was told to stop.
+    serving = _logged_at(
+        cluster, "llm-proxy", after["llm-proxy"]["MainPID"], "Ready: serving requests", since
+    )
+    stopping = _logged_at(
+        cluster, "llm-proxy-standby", before["llm-proxy-standby"]["MainPID"], "Shutting down", since
+    )
+    assert serving < stopping, (serving, stopping)
+    served = _requests(cluster, "llm-proxy-standby", since - 1, "user")
+    assert served, "the standby answered none of the load's requests"
+    assert all(r["status"] == 200 for r in served), served[:3]
+    print(f"answered by the standby: {len(served)}")
+
+
+# Run on gw1 (the controller's round trips to the host take seconds on the loaded test
+# machine, longer than the three long answers last): three long answers of the key through
+# nginx; once they are being generated, `systemctl restart --no-block llm-proxy`; as soon as
+# the standby says it serves the gateway's socket and the old gateway that it is shutting
+# down (it closes its copy of the socket then), four short requests on new connections to
+# that socket. Prints what each got.
+HOLD_ACROSS_RESTART = textwrap.dedent(
+    """
+    import http.client, json, subprocess, sys, threading, time
+    key, since = sys.stdin.readline().strip(), sys.argv[1]
+    out, lock = {"held": [], "during": []}, threading.Lock()
+    headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+
+    def post(port, body, field):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=180)
+        c.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        r = c.getresponse()
+        text = r.read().decode(errors="replace")
+        with lock:
+            out[field].append({"status": r.status, "body": text[:300], "at": time.time()})
+
+    # 1,000 tokens take seconds on the CPU hosts: long enough to outlast the handover.
+    long = {"model": "tiny", "max_tokens": 1000, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "count"}]}
+    holders = [threading.Thread(target=post, args=(8000, long, "held")) for _ in range(3)]
+    for t in holders:
+        t.start()
+    time.sleep(1)
+    subprocess.run(["systemctl", "restart", "--no-block", "llm-proxy"], check=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        log = subprocess.run(["journalctl", "-u", "llm-proxy-standby", "-u", "llm-proxy",
+                              "-o", "cat", "--since", "@" + since],
+                             capture_output=True, text=True).stdout
+        # The standby serves the socket, and the old gateway no longer accepts from it.
+        if "serving the gateway's socket" in log and "Shutting down" in log:
+            break
+        time.sleep(0.05)
+    out["handed_over"] = time.time()
+    short = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    others = [threading.Thread(target=post, args=(8001, short, "during")) for _ in range(4)]
+    for t in others:
+        t.start()
+    for t in others + holders:
+        t.join(180)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_keys_concurrency_limit_holds_across_a_gateway_restart(cluster: Cluster, keys):
+    """The concurrency-3 key holds its three slots with three long answers through gw1's
+    nginx; `systemctl restart llm-proxy` begins and the old gateway lets those three run
+    on. As soon as the standby answers on the gateway's socket, four more requests of the
+    key on new connections to that socket reach the standby, which refuses all four for
+    concurrency: it counts the old gateway's three in Redis. The three end whole (after
+    the four), and both processes come back."""
+    before = {u: _unit(cluster, u) for u in UNITS}
+    time.sleep(1.1)  # a fresh QPS window (the key admits 5 a second)
+    since = int(time.time())
+    out = json.loads(
+        cluster.run_stdin(
+            GW,
+            ["timeout", "200", "python3", "-c", HOLD_ACROSS_RESTART, str(since)],
+            keys["limited"] + "\n",
+        )
+    )
+    wait_until(lambda: _settled(cluster, before), 90, "both gateway processes restarted")
+
+    assert [r["status"] for r in out["held"]] == [200] * 3, out["held"]
+    assert all(r["at"] > out["handed_over"] for r in out["held"]), out
+    assert [r["status"] for r in out["during"]] == [429] * 4, out["during"]
+    refused = _requests(cluster, "llm-proxy-standby", since - 1, "limited")
+    assert [(r["status"], r["limit"]) for r in refused] == [(429, "concurrency_key")] * 4, refused
