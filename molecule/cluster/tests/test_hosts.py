@@ -96,6 +96,16 @@ def test_gateway_hosts_run_a_standby_gateway_on_the_gateways_socket(host):
     assert "ExecStop=-+/bin/systemctl kill --kill-whom=main --signal=SIGUSR1" in unit
     unit = host.check_output("systemctl cat llm-proxy-standby.service")
     assert "Sockets=llm-proxy.socket" in unit and " --standby" in unit
+    # `systemctl reload llm-proxy` reaches the standby too (ReloadPropagatedFrom=).
+    since = host.check_output("date +%s")
+    with host.sudo():
+        host.run_expect([0], "systemctl reload llm-proxy")
+    deadline = time.monotonic() + 30
+    while '"source":"sighup"' not in (
+        log := host.check_output(f"journalctl -u llm-proxy-standby -o cat --since @{since}")
+    ):
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.5)
     assert "llm-proxy-standby.service" in host.check_output(
         "systemctl list-dependencies llmhost.target --plain"
     )

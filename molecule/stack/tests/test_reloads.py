@@ -259,6 +259,8 @@ def test_llmhost_target_stops_and_starts_the_whole_stack(host, admin_key):
     for unit in ("vllm.service", "llm-proxy.service", "llm-proxy.socket", "nginx.service"):
         assert unit in units, units
         assert "llmhost.target" in host.run("systemctl show -p PartOf --value %s", unit).stdout
+    # No Redis on this host: one gateway process, no standby (two would each count limits).
+    assert "llm-proxy-standby.service" not in units
     with host.sudo():
         host.run_expect([0], "systemctl stop llmhost.target")
         # systemctl returns once the target is stopped; its units may still be stopping
