@@ -50,13 +50,26 @@ def _config(d: Path, upstream: Upstream, port: int) -> Path:
     return path
 
 
-def _start_on_socket(listener: socket.socket, config: Path, log: Path) -> Proc:
+def _start_on_socket(listener: socket.socket, config: Path, log: Path, *args: str) -> Proc:
     """The gateway as systemd starts it from llm-proxy.socket: the socket as fd 3,
     LISTEN_FDS=1 and LISTEN_PID its own PID (the shell's, which execs Python)."""
     n = listener.fileno()
     env = checkout_env()
-    script = f'exec 3<&{n}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" -m proxy_app --config "$1"'
-    return start(["bash", "-c", script, sys.executable, str(config)], log, env=env, pass_fds=(n,))
+    script = f'exec 3<&{n}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" -m proxy_app serve "$@"'
+    argv = ["bash", "-c", script, sys.executable, "--config", str(config), *args]
+    return start(argv, log, env=env, pass_fds=(n,))
+
+
+def _post_in_background(port: int, timeout: float) -> tuple[threading.Thread, dict[str, Any]]:
+    """CHAT on a new connection to ``port``, in a thread; its answer lands in the dict."""
+    out: dict[str, Any] = {}
+
+    def post() -> None:
+        out["answer"] = _post(http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), CHAT)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, out
 
 
 def _post(conn: http.client.HTTPConnection, body: dict[str, Any]) -> tuple[int, dict, bytes]:
@@ -118,14 +131,7 @@ def test_a_restart_on_a_handed_over_socket_fails_no_request(fake: Upstream, tmp_
             assert headers.get("connection") == "close"
 
             # A new connection: the kernel queues it on the socket nobody accepts now.
-            queued: dict[str, Any] = {}
-
-            def fresh() -> None:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                queued["answer"] = _post(conn, CHAT)
-
-            q = threading.Thread(target=fresh)
-            q.start()
+            q, queued = _post_in_background(port, 60)
             t.join(30)
             assert in_flight["answer"][0] == 200, in_flight
             old.popen.wait(SHUTDOWN_IDLE_SECONDS + 20)
@@ -178,29 +184,11 @@ def test_a_standby_serves_the_gateways_socket_only_from_sigusr1_on(fake: Upstrea
         shared = listener.getsockname()[1]
         own = free_port()
         config = _config(tmp_path, fake, own)
-        n = listener.fileno()
-        script = (
-            f'exec 3<&{n}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" -m proxy_app serve '
-            '--config "$1" --standby'
-        )
-        standby = start(
-            ["bash", "-c", script, sys.executable, str(config)],
-            tmp_path / "standby.log",
-            env=checkout_env(),
-            pass_fds=(n,),
-        )
+        standby = _start_on_socket(listener, config, tmp_path / "standby.log", "--standby")
         try:
             wait_http_ok(standby, f"http://127.0.0.1:{own}/health", 30, "the standby")
             assert _post(http.client.HTTPConnection("127.0.0.1", own, timeout=10), CHAT)[0] == 200
-
-            queued: dict[str, Any] = {}
-
-            def on_shared() -> None:
-                conn = http.client.HTTPConnection("127.0.0.1", shared, timeout=30)
-                queued["answer"] = _post(conn, CHAT)
-
-            q = threading.Thread(target=on_shared)
-            q.start()
+            q, queued = _post_in_background(shared, 30)
             time.sleep(2)
             assert "answer" not in queued, "the standby took the gateway's socket unasked"
             standby._signal(10)  # SIGUSR1
