@@ -76,7 +76,14 @@ def _server_class() -> type:
 
         def _take_over(self) -> None:
             task = asyncio.get_running_loop().create_task(self._serve_gateway_socket())
-            task.add_done_callback(lambda t: t.exception())
+            task.add_done_callback(self._taken_over)
+
+        @staticmethod
+        def _taken_over(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                logging.getLogger("uvicorn.error").error(
+                    "Standby: cannot serve the gateway's socket", exc_info=task.exception()
+                )
 
         async def _serve_gateway_socket(self) -> None:
             sock, self.standby_socket = self.standby_socket, None
