@@ -113,8 +113,8 @@ test-molecule: setup ## The Molecule scenarios of make test: nginx, stack, clust
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
 	$(VENV)/bin/python tools/readme_figures.py
 
-# Part of make test (about 30 minutes): several hosts as one endpoint; this runs it alone.
-test-cluster: setup ## The cluster scenario alone: 2 gpu hosts, 2 gateways, Redis (~30 min)
+# Part of make test (about 35 minutes): several hosts as one endpoint; this runs it alone.
+test-cluster: setup ## The cluster scenario alone: 2 gpu hosts, 2 gateways, Redis (~35 min)
 	molecule test -s cluster
 
 # Opt-in, not part of `make test` (about 9 minutes and a 4 GB download): the CUDA build of
