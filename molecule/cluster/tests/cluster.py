@@ -190,14 +190,22 @@ class Cluster:
     def backend_up(self, gateway: str, backend: str) -> float:
         return metric_sum(self.gateway_metrics(gateway), "gateway_backend_up", backend=backend)
 
-    def request_log(self, since: float, user: str, id_prefix: str = "") -> list[dict[str, Any]]:
-        """Both gateways' request log lines of ``user`` since ``since`` (epoch seconds),
+    def request_log(
+        self,
+        since: float,
+        user: str,
+        id_prefix: str = "",
+        gateways: Iterable[str] = GATEWAYS,
+        units: str = GATEWAY_UNITS,
+    ) -> list[dict[str, Any]]:
+        """The gateways' request log lines of ``user`` since ``since`` (epoch seconds), of
+        both gateway processes unless ``units`` says which (journalctl's ``-u`` arguments),
         whose request id starts with ``id_prefix``, each with the gateway's own ``start``
         and ``end`` of the request (epoch seconds)."""
         out = []
-        for gw in GATEWAYS:
+        for gw in gateways:
             since_arg = f"--since @{int(since)}"
-            text = self.run(gw, f"journalctl {GATEWAY_UNITS} -o cat --no-pager {since_arg}")
+            text = self.run(gw, f"journalctl {units} -o cat --no-pager {since_arg}")
             for line in text.splitlines():
                 if not line.startswith("{"):
                     continue

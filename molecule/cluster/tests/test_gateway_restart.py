@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import textwrap
 import time
-from typing import Any
 
 from cluster import (
     GATEWAYS,
@@ -56,13 +55,6 @@ def _logged_at(cluster: Cluster, unit: str, pid: str, text: str, since: float) -
     raise AssertionError(f"{unit} ({pid}) did not log {text!r}")
 
 
-def _requests(cluster: Cluster, unit: str, since: float, user: str) -> list[dict[str, Any]]:
-    """Request log records of ``user`` that ``unit`` wrote since ``since`` (epoch s)."""
-    text = cluster.run(GW, f"journalctl -u {unit} -o cat --no-pager --since @{int(since)}")
-    records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-    return [r for r in records if r.get("event") == "request" and r.get("user") == user]
-
-
 def test_a_gateway_restart_under_50_requests_a_second_fails_none(cluster: Cluster, user_key):
     """50 requests a second through gw1 while `systemctl restart llm-proxy` runs there,
     one in five a chat completion (every other one of those streamed), the others GET
@@ -96,7 +88,7 @@ def test_a_gateway_restart_under_50_requests_a_second_fails_none(cluster: Cluste
         cluster, "llm-proxy-standby", before["llm-proxy-standby"]["MainPID"], "Shutting down", since
     )
     assert serving < stopping, (serving, stopping)
-    served = _requests(cluster, "llm-proxy-standby", since - 1, "user")
+    served = cluster.request_log(since - 1, "user", gateways=[GW], units="-u llm-proxy-standby")
     assert served, "the standby answered none of the load's requests"
     assert all(r["status"] == 200 for r in served), served[:3]
     print(f"answered by the standby: {len(served)}")
@@ -174,5 +166,5 @@ def test_a_keys_concurrency_limit_holds_across_a_gateway_restart(cluster: Cluste
     assert [r["status"] for r in out["held"]] == [200] * 3, out["held"]
     assert all(r["at"] > out["handed_over"] for r in out["held"]), out
     assert [r["status"] for r in out["during"]] == [429] * 4, out["during"]
-    refused = _requests(cluster, "llm-proxy-standby", since - 1, "limited")
+    refused = cluster.request_log(since - 1, "limited", gateways=[GW], units="-u llm-proxy-standby")
     assert [(r["status"], r["limit"]) for r in refused] == [(429, "concurrency_key")] * 4, refused
