@@ -112,8 +112,15 @@ def _vllm(
     # attention kernel for bfloat16, and a first request with a short prompt (a few tokens)
     # kills the worker with SIGILL (seen here: "Fatal Python error: Illegal instruction" in
     # cpu_attention_with_kv_cache). float32 takes the AVX-512 kernel.
+    # At a lower priority (nice 10): on a machine with few cores vLLM's busy threads starved
+    # the test client of the CPU for seconds (a stream the client meant to leave after three
+    # tokens was whole by the time it left, in a fresh-clone CI run); the gateway and the
+    # client must keep up with vLLM, not the other way round.
     proc = start(
         [
+            "nice",
+            "-n",
+            "10",
             str(python),
             "-m",
             "vllm.entrypoints.openai.api_server",
