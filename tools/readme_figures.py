@@ -3,7 +3,7 @@
     python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
     python tools/readme_figures.py --check   fail when any of them differs (make lint)
 
-Four blocks of README.md, each between its marker comments:
+Five blocks of README.md, each between its marker comments:
 
 - ``bench``: the benchmark table and its sentences, from bench/results.json (written by
   bench/run.py);
@@ -11,6 +11,9 @@ Four blocks of README.md, each between its marker comments:
   molecule/stack/rerun.json (written by molecule/stack/tests/test_rerun.py);
 - ``roll``: how long a rolling update of vLLM took and what its clients saw, from
   molecule/cluster/roll.json (written by molecule/cluster/tests/test_updates.py);
+- ``gap``: how long clients of a single gpu host got errors while a rolling update
+  restarted its vLLM, from molecule/stack/gap.json (written by
+  molecule/stack/tests/test_updates.py);
 - ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
   rule's `for:`, its threshold and range window are read from the rule; the wording of a row
   is in ALERTS below, with those values as placeholders.
@@ -182,6 +185,29 @@ def render_roll(data: dict) -> str:
     return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n"
 
 
+def render_gap(data: dict) -> str:
+    """The README's single-host gap sentence from molecule/stack/gap.json."""
+    run = data["run"]
+    statuses = _and([f"{n} x {status}" for status, n in sorted(data["statuses"].items())])
+    why_500 = (
+        ": the 500s are vLLM's own, which answers while it shuts down"
+        if "500" in data["statuses"]
+        else ""
+    )
+    text = (
+        f"In the stack scenario (one gpu host) a rolling update changing one vLLM argument "
+        f"took {data['roll_seconds']:.0f} s, and its clients had a gap of "
+        f"**{data['gap_seconds']:.0f} s**: of {data['requests']:,} requests sent at "
+        f"{data['rate_per_second']} a second, {data['failed']} failed ({statuses}, each with "
+        f"a JSON error{why_500}), from the first failure to the first answer after the "
+        f"last (`molecule/stack/tests/test_updates.py`, run {run['time_utc'][:10]} on "
+        f"{run['cpus']} CPUs, load average {run['load_average_start']:.1f} at its start; "
+        f"the tiny model loads in seconds, a large one for minutes; figures from "
+        f"`molecule/stack/gap.json`)."
+    )
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n"
+
+
 def _rule_values(rule: dict) -> dict[str, str]:
     expr = " ".join(str(rule["expr"]).split())
     values = {"for": _duration(str(rule.get("for", "0s")))}
@@ -270,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", type=Path, default=REPO / "bench" / "run.py")
     parser.add_argument("--rerun", type=Path, default=REPO / "molecule" / "stack" / "rerun.json")
     parser.add_argument("--roll", type=Path, default=REPO / "molecule" / "cluster" / "roll.json")
+    parser.add_argument("--gap", type=Path, default=REPO / "molecule" / "stack" / "gap.json")
     parser.add_argument(
         "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
     )
@@ -283,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         wanted = replace_block(wanted, "rerun", render_rerun(json.loads(args.rerun.read_text())))
         wanted = replace_block(wanted, "roll", render_roll(json.loads(args.roll.read_text())))
+        wanted = replace_block(wanted, "gap", render_gap(json.loads(args.gap.read_text())))
         results_md = _bench_module(args.bench).render_results(data)
     except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)
@@ -299,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_diff(path, old, new), file=sys.stderr, end="")
         print(
             f"{path} differs from what tools/readme_figures.py renders from {args.results.name}, "
-            f"{args.rules.name}, {args.rerun.name} and {args.roll.name}: do not edit it by hand; "
+            f"{args.rules.name}, {args.rerun.name}, {args.roll.name} and {args.gap.name}: do not "
+            "edit it by hand; "
             "run `python tools/readme_figures.py` (after `make bench`, a run of the stack or "
             "cluster scenario, or "
             "after changing the rules or the wording in tools/readme_figures.py)",

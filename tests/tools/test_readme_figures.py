@@ -74,6 +74,16 @@ ROLL = {
     "out_of_rotation_seconds": {"gpu1": 140.2, "gpu2": 120.7},
 }
 
+GAP = {
+    "run": {"time_utc": "2030-01-02T03:04+00:00", "cpus": 4, "load_average_start": 0.5},
+    "rate_per_second": 5,
+    "requests": 321,
+    "failed": 150,
+    "statuses": {"500": 10, "503": 140},
+    "gap_seconds": 30.4,
+    "roll_seconds": 95.0,
+}
+
 README = """# project
 
 Prose before.
@@ -97,6 +107,10 @@ A re-run took 99 s.
 <!-- roll:begin: generated -->
 A roll took forever.
 <!-- roll:end -->
+
+<!-- gap:begin: generated -->
+No gap at all.
+<!-- gap:end -->
 """
 
 
@@ -109,11 +123,13 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "rules": tmp_path / "rules.yml",
         "rerun": tmp_path / "rerun.json",
         "roll": tmp_path / "roll.json",
+        "gap": tmp_path / "gap.json",
     }
     paths["readme"].write_text(README)
     paths["results"].write_text(json.dumps(RESULTS))
     paths["rerun"].write_text(json.dumps(RERUN))
     paths["roll"].write_text(json.dumps(ROLL))
+    paths["gap"].write_text(json.dumps(GAP))
     paths["rules"].write_text(RULES.read_text())
     return paths
 
@@ -213,3 +229,16 @@ def test_the_roll_figures_come_from_roll_json(sources):
     assert "roll.json" in check.stderr
     assert tool(sources).returncode == 0
     assert "requests, 3 failed" in " ".join(sources["readme"].read_text().split())
+
+
+def test_the_single_host_gap_comes_from_gap_json(sources):
+    assert tool(sources).returncode == 0
+    prose = " ".join(sources["readme"].read_text().split())
+    assert "took 95 s, and its clients had a gap of **30 s**" in prose
+    assert "of 321 requests sent at 5 a second, 150 failed (10 x 500 and 140 x 503," in prose
+    assert "the 500s are vLLM's own" in prose
+    assert "No gap" not in prose
+    sources["gap"].write_text(json.dumps({**GAP, "gap_seconds": 61.0}))
+    check = tool(sources, "--check")
+    assert check.returncode == 1
+    assert "gap.json" in check.stderr

@@ -1,11 +1,13 @@
-"""Changing the running cluster under load: a rolling update of vLLM over both gpu hosts
-(playbooks/rolling-update.yml). Last in the scenario: the roll leaves the hosts with
-another setting than the inventory's."""
+"""Changing the running cluster: a rolling update of vLLM over both gpu hosts
+(playbooks/rolling-update.yml) under load, then one that a host does not survive. Last in
+the scenario: the rolls leave the hosts with other settings than the inventory's, the first
+host's vLLM crashing."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -17,8 +19,10 @@ from cluster import (
     SCENARIO,
     Cluster,
     SteadyLoad,
+    chat,
     gateway_url,
     inventory,
+    parallel,
 )
 
 testinfra_hosts = ["ansible://llmhost-gw1"]
@@ -28,6 +32,30 @@ PROJECT = SCENARIO.parent.parent
 SPANNING = "llmhost-gpu1/other"
 # Where the README's figure of the roll comes from (tools/readme_figures.py).
 ROLL_RESULTS = SCENARIO / "roll.json"
+
+
+# The roll's change: max_num_seqs 16 (the inventory's) -> 17.
+ROLLED = "vllm_max_num_seqs=17"
+
+
+def _roll(*extra_vars: str) -> subprocess.CompletedProcess[str]:
+    """playbooks/rolling-update.yml on the scenario's inventory, with ``-e`` each of
+    ``extra_vars``, as an operator runs it."""
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"))
+    return subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            inventory(),
+            str(PROJECT / "playbooks" / "rolling-update.yml"),
+            *(arg for v in extra_vars for arg in ("-e", v)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+        cwd=PROJECT,
+    )
 
 
 def _vllm_processes(cluster: Cluster) -> dict[tuple[str, str], tuple[str, str]]:
@@ -62,25 +90,10 @@ def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Clus
     assert all("--max-num-seqs 16 " in cmd for _, cmd in before.values()), before
     since = cluster.run(GATEWAYS[0], "date '+%Y-%m-%d %H:%M:%S'").strip()
     load_start = os.getloadavg()[0]
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"))
     start = time.monotonic()
     with SteadyLoad(gateway_url(GATEWAYS[0]), user_key, rate=10) as load:
         time.sleep(3)  # the load is on before the roll starts
-        roll = subprocess.run(
-            [
-                "ansible-playbook",
-                "-i",
-                inventory(),
-                str(PROJECT / "playbooks" / "rolling-update.yml"),
-                "-e",
-                "vllm_max_num_seqs=17",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            env=env,
-            cwd=PROJECT,
-        )
+        roll = _roll(ROLLED)
         roll_seconds = time.monotonic() - start
         time.sleep(3)  # and stays on after it
     assert roll.returncode == 0, roll.stdout[-4000:] + roll.stderr[-2000:]
@@ -144,3 +157,60 @@ def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Clus
         )
         + "\n"
     )
+
+
+def _drained(cluster: Cluster, admin_key: str) -> dict[tuple[str, int], set[str]]:
+    """The backends each gateway process (gateway 8001, standby 8011) has drained, as its
+    admin API says."""
+    out = {}
+    for gw in GATEWAYS:
+        for port in (8001, 8011):
+            listed = cluster.run_stdin(
+                gw,
+                ["curl", "-sf", "-H", "@-", f"http://127.0.0.1:{port}/admin/backends"],
+                f"Authorization: Bearer {admin_key}\n",
+            )
+            out[gw, port] = {b["name"] for b in json.loads(listed)["data"] if b["draining"]}
+    return out
+
+
+def test_a_host_that_does_not_come_back_stops_the_roll_and_the_others_serve(
+    cluster: Cluster, user_key, admin_key
+):
+    """A roll with an argument vLLM refuses, for every host, as an operator's typo would be
+    (the health wait cut to 20 s: this vLLM cannot start at all): the first host's vLLM does
+    not come back, and the play fails with a message naming the host and why. The roll
+    stops there: no task runs for the second host, whose vLLM keeps its process and serves
+    every request for `tiny` through both gateways, while the first host's backends stay
+    drained on both gateways and both standbys. Last in the scenario: it leaves the first
+    host's vLLM crashing (the roll again with working settings brings it back: seen by
+    hand, not tested, for the ~5 minutes it would add to `make test`)."""
+    first, second = GPU_HOSTS
+    # The second host's own instance (`other`'s follower there restarts with its leader).
+    pid = "systemctl show -p MainPID --value vllm"
+    before = cluster.run(second, pid)
+    broken = _roll(
+        ROLLED,
+        '{"vllm_extra_args": ["--no-such-argument"], "vllm_health_timeout_seconds": 20}',
+    )
+    output = broken.stdout + broken.stderr  # Ansible writes what failed to stderr
+    assert broken.returncode != 0, output[-3000:]
+    message = re.search(
+        rf"vLLM on {first} did not come back \(Wait for vLLM to load[^)]*\)", output
+    )
+    assert message, output[-4000:]
+    print(message.group(0))
+    # No task of the roll ran for the second host (each delegates to a gateway).
+    assert f"[{second} -> " not in broken.stdout, broken.stdout[-4000:]
+    recap = broken.stdout.split("PLAY RECAP")[-1]
+    assert re.search(rf"{re.escape(first)}\s+:.*failed=1", recap), recap
+    assert cluster.run(second, pid) == before, "the roll went on to the second host"
+
+    drained = _drained(cluster, admin_key)
+    assert f"{first}/tiny" in drained[GATEWAYS[0], 8001], drained
+    assert all(d == drained[GATEWAYS[0], 8001] for d in drained.values()), drained
+    assert not any(b.startswith(f"{second}/") for d in drained.values() for b in d), drained
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    for gw in GATEWAYS:
+        answers = parallel([lambda gw=gw: chat(gateway_url(gw), user_key, body)] * 6, workers=3)
+        assert [r.status_code for r in answers] == [200] * 6, [r.text[:200] for r in answers]

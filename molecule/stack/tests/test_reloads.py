@@ -9,86 +9,28 @@ burst of a few requests in one second would be refused by it, as it should."""
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
+from load import LOAD, demo_key_text
 
 testinfra_hosts = ["ansible://llmhost-stack"]
 
 RATE = 45
 
-# Run on the stack host as root: RATE requests a second (each on its own connection to
-# nginx, as many clients would), `action` run 3 s in, the load kept on 5 s after it ends.
-LOAD = textwrap.dedent(
-    """
-    import http.client, json, subprocess, sys, threading, time
-    key, rate, action = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-    results, lock, stop, threads = [], threading.Lock(), threading.Event(), []
-
-    def one(n):
-        body = json.dumps({"model": "tiny", "max_tokens": 1,
-                           "messages": [{"role": "user", "content": "load %d" % n}]})
-        start = time.monotonic()
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", 8000, timeout=120)
-            c.request("POST", "/v1/chat/completions", body,
-                      {"Authorization": "Bearer " + key, "Content-Type": "application/json"})
-            r = c.getresponse()
-            data, status = r.read(), r.status
-            c.close()
-        except Exception as e:
-            data, status = repr(e).encode(), 0
-        with lock:
-            results.append({"n": n, "status": status, "seconds": time.monotonic() - start,
-                            "body": "" if status == 200 else data[:300].decode(errors="replace")})
-
-    def run():
-        n, t0 = 0, time.monotonic()
-        while not stop.is_set():
-            t = threading.Thread(target=one, args=(n,))
-            t.start()
-            threads.append(t)
-            n += 1
-            stop.wait(max(0.0, t0 + n / rate - time.monotonic()))
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    time.sleep(3)
-    t = time.monotonic()
-    done = subprocess.run(action, capture_output=True, text=True)
-    action_seconds = time.monotonic() - t
-    time.sleep(5)
-    stop.set()
-    runner.join()
-    for t in threads:
-        t.join(150)
-    print(json.dumps({
-        "sent": len(results),
-        "failed": [r for r in results if r["status"] != 200],
-        "slowest": max((r["seconds"] for r in results), default=0),
-        "action_rc": done.returncode, "action_out": done.stdout + done.stderr,
-        "action_seconds": action_seconds,
-    }))
-    """
-)
-
 
 @pytest.fixture(scope="module")
 def admin_key() -> str:
     # No per-key limit: the load measures the reload, not the key's concurrency.
-    cache = Path(os.environ["LLMHOST_CACHE_DIR"])
-    return "sk-" + (cache / "demo" / "admin-key").read_text().split()[0]
+    return demo_key_text("admin-key")
 
 
 @pytest.fixture(scope="module")
 def demo_key() -> str:
     # The demo inventory's user key: 4 concurrent requests.
-    cache = Path(os.environ["LLMHOST_CACHE_DIR"])
-    return "sk-" + (cache / "demo" / "demo-key").read_text().split()[0]
+    return demo_key_text("demo-key")
 
 
 def _under_load(host, key: str, *action: str) -> dict:
