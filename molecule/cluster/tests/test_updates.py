@@ -183,8 +183,9 @@ def test_a_host_that_does_not_come_back_stops_the_roll_and_the_others_serve(
     stops there: no task runs for the second host, whose vLLM keeps its process and serves
     every request for `tiny` through both gateways, while the first host's backends stay
     drained on both gateways and both standbys. Last in the scenario: it leaves the first
-    host's vLLM crashing (the roll again with working settings brings it back: seen by
-    hand, not tested, for the ~5 minutes it would add to `make test`)."""
+    host's vLLM crashing. (A longer form of this test then ran the roll again with working
+    settings, once systemd had given up on the unit: it brought the host back. Left out:
+    about 5 more minutes of `make test`.)"""
     first, second = GPU_HOSTS
     # The second host's own instance (`other`'s follower there restarts with its leader).
     pid = "systemctl show -p MainPID --value vllm"
