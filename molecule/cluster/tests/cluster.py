@@ -412,6 +412,14 @@ class SteadyLoad:
         for t in self._threads:
             t.join(150)
 
+    def failures_told(self) -> list[tuple[Any, ...]]:
+        """The first failures, each as (n, status, body or exception, stream done): what an
+        assertion message can show whole."""
+        return [
+            (r["n"], r.get("status"), r.get("body") or r.get("exception"), r.get("done"))
+            for r in self.failures()[:5]
+        ]
+
     def failures(self) -> list[dict[str, Any]]:
         return [
             r
