@@ -19,6 +19,7 @@ from cluster import (
     GATEWAYS,
     Cluster,
     SteadyLoad,
+    frozen_vllm,
     gateway_url,
     wait_until,
 )
@@ -104,15 +105,18 @@ def test_a_gateway_restart_under_50_requests_a_second_fails_none(cluster: Cluste
 
 
 # Run on gw1 (the controller's round trips to the host take seconds on the loaded test
-# machine, longer than the three long answers last): three long answers of the key through
-# nginx; once they are being generated, `systemctl restart --no-block llm-proxy`; as soon as
+# machine), while the controller keeps vLLM stopped (SIGSTOP): three answers of the key
+# through nginx, which wait on vLLM; `systemctl restart --no-block llm-proxy`; as soon as
 # the standby says it serves the gateway's socket and the old gateway that it is shutting
 # down (it closes its copy of the socket then), four short requests on new connections to
-# that socket. Prints what each got.
+# that socket; once they are answered, DURING_DONE tells the controller, which lets vLLM go
+# on. Prints what each got. (Long answers instead of a stopped vLLM raced the hand-over:
+# on a quiet machine 1,000 tokens were generated before it.)
+DURING_DONE = "/run/llmhost-test-during-done"
 HOLD_ACROSS_RESTART = textwrap.dedent(
     """
-    import http.client, json, subprocess, sys, threading, time
-    key, since = sys.stdin.readline().strip(), sys.argv[1]
+    import http.client, json, os, subprocess, sys, threading, time
+    key, since, done = os.environ["KEY"], sys.argv[1], sys.argv[2]
     out, lock = {"held": [], "during": []}, threading.Lock()
     headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
 
@@ -124,10 +128,8 @@ HOLD_ACROSS_RESTART = textwrap.dedent(
         with lock:
             out[field].append({"status": r.status, "body": text[:300], "at": time.time()})
 
-    # 1,000 tokens take seconds on the CPU hosts: long enough to outlast the handover.
-    long = {"model": "tiny", "max_tokens": 1000, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "count"}]}
-    holders = [threading.Thread(target=post, args=(8000, long, "held")) for _ in range(3)]
+    held = {"model": "tiny", "max_tokens": 20, "messages": [{"role": "user", "content": "hold"}]}
+    holders = [threading.Thread(target=post, args=(8000, held, "held")) for _ in range(3)]
     for t in holders:
         t.start()
     time.sleep(1)
@@ -146,7 +148,10 @@ HOLD_ACROSS_RESTART = textwrap.dedent(
     others = [threading.Thread(target=post, args=(8001, short, "during")) for _ in range(4)]
     for t in others:
         t.start()
-    for t in others + holders:
+    for t in others:
+        t.join(60)
+    open(done, "w").close()
+    for t in holders:
         t.join(180)
     print(json.dumps(out))
     """
@@ -154,22 +159,36 @@ HOLD_ACROSS_RESTART = textwrap.dedent(
 
 
 def test_a_keys_concurrency_limit_holds_across_a_gateway_restart(cluster: Cluster, keys):
-    """The concurrency-3 key holds its three slots with three long answers through gw1's
-    nginx; `systemctl restart llm-proxy` begins and the old gateway lets those three run
-    on. As soon as the standby answers on the gateway's socket, four more requests of the
-    key on new connections to that socket reach the standby, which refuses all four for
-    concurrency: it counts the old gateway's three in Redis. The three end whole (after
-    the four), and both processes come back."""
+    """The concurrency-3 key holds its three slots with three answers through gw1's nginx
+    that wait on a stopped vLLM; `systemctl restart llm-proxy` begins and the old gateway
+    lets those three run on. As soon as the standby answers on the gateway's socket, four
+    more requests of the key on new connections to that socket reach the standby, which
+    refuses all four for concurrency: it counts the old gateway's three in Redis. Then vLLM
+    goes on: the three end whole (after the four), and both processes come back."""
     before = {u: _unit(cluster, u) for u in UNITS}
     time.sleep(1.1)  # a fresh QPS window (the key admits 5 a second)
     since = int(time.time())
-    out = json.loads(
-        cluster.run_stdin(
+    result = "/run/llmhost-test-hold.json"
+    cluster.run(GW, f"rm -f {result} {DURING_DONE}")
+    with frozen_vllm(cluster):
+        cluster.run(
             GW,
-            ["timeout", "200", "python3", "-c", HOLD_ACROSS_RESTART, str(since)],
-            keys["limited"] + "\n",
+            "systemd-run --collect --unit llmhost-test-hold -p StandardOutput=file:%s -E KEY=%s "
+            "timeout 200 python3 -c %s %s %s",
+            result,
+            keys["limited"],
+            HOLD_ACROSS_RESTART,
+            str(since),
+            DURING_DONE,
         )
-    )
+        wait_until(
+            lambda: cluster.hosts[GW].run(f"test -e {DURING_DONE}").rc == 0,
+            90,
+            "the four requests during the hand-over answered",
+            interval=0.5,
+        )
+    wait_until(lambda: not cluster.active(GW, "llmhost-test-hold"), 200, "the three answered")
+    out = json.loads(cluster.run(GW, f"cat {result}"))
     wait_until(lambda: _settled(cluster, before), 90, "both gateway processes restarted")
 
     assert [r["status"] for r in out["held"]] == [200] * 3, out["held"]

@@ -52,7 +52,7 @@ def test_a_vllm_change_on_the_one_gpu_host_means_a_gap_whose_length_is_recorded(
         # The load runs on the host in its own unit (3 s of load, then it waits for DONE,
         # then 5 s more) while the controller runs the roll.
         started = host.run(
-            "systemd-run --unit llmhost-test-roll-load -p StandardOutput=file:%s "
+            "systemd-run --collect --unit llmhost-test-roll-load -p StandardOutput=file:%s "
             "python3 -c %s %s %s sh -c %s",
             OUT,
             LOAD,
