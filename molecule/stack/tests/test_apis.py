@@ -8,20 +8,15 @@ clients that leave; this proves the deployed path (nginx's allow-list, the unit'
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import anthropic
 import openai
 import pytest
+from load import demo_key_text
 
 STACK = "llmhost-stack"
 testinfra_hosts = [f"ansible://{STACK}"]
-
-
-def _key(name: str) -> str:
-    return "sk-" + (Path(os.environ["LLMHOST_CACHE_DIR"]) / "demo" / name).read_text().split()[0]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def _usage(host) -> tuple[int, int]:
         json.dumps(
             {
                 "argv": ["curl", "-sf", "-H", "@-", "http://127.0.0.1:8000/admin/usage?user=demo"],
-                "stdin": f"Authorization: Bearer {_key('admin-key')}",
+                "stdin": f"Authorization: Bearer {demo_key_text('admin-key')}",
             }
         ),
         check=False,
@@ -58,7 +53,9 @@ def _spent(before: tuple[int, int], after: tuple[int, int]) -> tuple[int, int]:
 
 
 def test_responses_through_nginx(host, base_url):
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key=_key("demo-key"), max_retries=0)
+    client = openai.OpenAI(
+        base_url=base_url + "/v1", api_key=demo_key_text("demo-key"), max_retries=0
+    )
     before = _usage(host)
     exact = {"ignore_eos": True}  # the random model may end at any token otherwise
     resp = client.responses.create(
@@ -79,7 +76,9 @@ def test_responses_through_nginx(host, base_url):
 
 
 def test_anthropic_messages_through_nginx(host, base_url):
-    client = anthropic.Anthropic(base_url=base_url, api_key=_key("demo-key"), max_retries=0)
+    client = anthropic.Anthropic(
+        base_url=base_url, api_key=demo_key_text("demo-key"), max_retries=0
+    )
     before = _usage(host)
     msg = client.messages.create(
         model="tiny", max_tokens=5, messages=[{"role": "user", "content": "Say hello"}]

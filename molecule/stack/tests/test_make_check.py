@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from load import demo_key_text
 
 ROOT = Path(__file__).resolve().parents[3]
 testinfra_hosts = ["ansible://llmhost-stack"]
@@ -80,9 +81,7 @@ def test_check_fails_when_a_file_mode_is_wrong(keys_file_world_readable):
 def test_the_check_key_is_on_no_command_line_sudo_logs(host):
     """Under become (sudo, as on a real host), sudo logs every command it runs: the checks
     that use the check key must hand it over another way (stdin), never on a command line."""
-    key = (
-        "sk-" + (Path(os.environ["LLMHOST_CACHE_DIR"]) / "demo" / "demo-key").read_text().split()[0]
-    )
+    key = demo_key_text("demo-key")
     since = host.run("date +%s").stdout.strip()
     run = _check("-k", "real_answer or plaintext", ANSIBLE_BECOME="true")
     assert run.returncode == 0, run.stdout[-4000:]

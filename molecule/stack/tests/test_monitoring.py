@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from load import demo_key_text
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -66,9 +67,7 @@ def _query(prometheus: str, expr: str) -> list[dict]:
 
 
 def _traffic(host) -> list[int]:
-    key = (
-        "sk-" + (Path(os.environ["LLMHOST_CACHE_DIR"]) / "demo" / "demo-key").read_text().split()[0]
-    )
+    key = demo_key_text("demo-key")
     result = host.run("python3 -c %s %s", TRAFFIC, key)
     assert result.rc == 0, result.stderr
     return json.loads(result.stdout)

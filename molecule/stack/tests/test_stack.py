@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from load import demo_key_text
 
 SCENARIO = Path(__file__).resolve().parent.parent
 STACK = "llmhost-stack"
@@ -32,14 +33,12 @@ def probe(host):
 
 @pytest.fixture(scope="module")
 def demo_key():
-    cache = Path(os.environ["LLMHOST_CACHE_DIR"])
-    return "sk-" + (cache / "demo" / "demo-key").read_text().split()[0]
+    return demo_key_text("demo-key")
 
 
 @pytest.fixture(scope="module")
 def admin_key():
-    cache = Path(os.environ["LLMHOST_CACHE_DIR"])
-    return "sk-" + (cache / "demo" / "admin-key").read_text().split()[0]
+    return demo_key_text("admin-key")
 
 
 def _curl(h, url, *headers):
