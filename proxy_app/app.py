@@ -34,6 +34,7 @@ from .errors import (
     not_found,
     upstream_unavailable,
 )
+from .framing import CLIENT_LOST
 from .keys import KeyStore, ReloadResult, require_admin
 from .logs import LEVELS, JsonLog
 from .metrics import Metrics, endpoint_label
@@ -332,6 +333,7 @@ class Gateway:
                 client[0] if client else None, headers.get(b"x-forwarded-for")
             ),
             start=start,
+            client_lost=scope.get("extensions", {}).get(CLIENT_LOST),
         )
         metrics = self.metrics
         metrics.active.inc()

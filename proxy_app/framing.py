@@ -14,12 +14,18 @@ connections to the client: a request that still arrives on one is served, with
 `Connection: close`; nginx closes the others itself after its upstream keepalive_timeout,
 which is shorter than ``SHUTDOWN_IDLE_SECONDS``, after which the gateway closes what is left
 (clients other than nginx). Requests in flight run to their end, as before.
+
+A client that leaves is reported at once: each request's scope carries a ``ClientLost``
+(``scope["extensions"][CLIENT_LOST]``) that ``connection_lost`` fires, so the request waiting
+on vLLM is cancelled in the same event-loop turn as the close, with no task or timer per
+request (reading ``receive`` in a task for every request cost ~40% of the req/s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -35,6 +41,35 @@ _LINGER_SECONDS = 2.0
 SHUTDOWN_IDLE_SECONDS = 5.0
 _REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
 _log = logging.getLogger("uvicorn.error")
+
+# The scope extension that carries a request's ClientLost.
+CLIENT_LOST = "llmhost.client_lost"
+
+
+class ClientLost:
+    """Says, the moment it happens, that a request's client closed its connection.
+
+    Whoever waits on the request's behalf sets ``callback``; it runs once, from the
+    protocol's ``connection_lost``, or at once when set after the client had already gone.
+    """
+
+    __slots__ = ("_callback", "gone")
+
+    def __init__(self) -> None:
+        self._callback: Callable[[], None] | None = None
+        self.gone = False
+
+    def call(self, callback: Callable[[], None] | None) -> None:
+        """Run ``callback`` when the client goes (None: no longer)."""
+        self._callback = callback
+        if callback is not None and self.gone:
+            self.fire()
+
+    def fire(self) -> None:
+        self.gone = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 def _headers_too_large(what: str) -> ApiError:
@@ -94,8 +129,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(_headers_too_large(f"more than {MAX_HEAD_BYTES} bytes"))
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:  # left before the response's end
+            cycle.scope["extensions"][CLIENT_LOST].fire()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {CLIENT_LOST: ClientLost()}
         self._in_head = True
         self._header_count = 0
 

@@ -15,6 +15,7 @@ from .errors import ApiError
 from .logs import JsonLog, timestamp
 
 if TYPE_CHECKING:  # metrics.py names the endpoints of apis.py, which uses Tokens
+    from .framing import ClientLost
     from .metrics import Metrics
 
 # The label of http_errors_total for an error answer that carries no label of its own
@@ -66,6 +67,7 @@ class Outcome:
         "_upstream_ms",
         "_user",
         "client_ip",
+        "client_lost",
         "endpoint",
         "method",
         "path",
@@ -81,6 +83,7 @@ class Outcome:
         endpoint: str,
         client_ip: str | None,
         start: float,
+        client_lost: ClientLost | None = None,
     ) -> None:
         self.request_id = request_id
         self.method = method
@@ -88,6 +91,8 @@ class Outcome:
         self.endpoint = endpoint
         self.client_ip = client_ip
         self.start = start
+        # The server's report of the client leaving (framing.py), for whoever waits on vLLM.
+        self.client_lost = client_lost
         self._status = 0
         self._started = False
         self._user: str | None = None

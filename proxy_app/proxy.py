@@ -295,7 +295,7 @@ class Proxy:
         failure: UpstreamError | None = None
         stopping = False
         t0 = time.perf_counter()
-        watch = ClientWatch(receive)
+        watch = ClientWatch(receive, outcome.client_lost)
         backend: Backend | None = None
         try:
             resp, backend = await self._send(outcome, req)
