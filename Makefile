@@ -22,8 +22,9 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down demo-cluster demo-cluster-down test-cluster \
-        lint test test-tools test-rules test-gateway test-proxy test-molecule test-cuda-install \
-        check bench bench-ab clean
+        lint test test-tools test-rules test-gateway test-proxy test-molecule molecule readme-figures \
+        test-cuda-install \
+        check bench bench-ab bench-leaving clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -113,6 +114,13 @@ test-molecule: setup ## The Molecule scenarios of make test: nginx, stack, clust
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
 	$(VENV)/bin/python tools/readme_figures.py
 
+SCENARIO ?= stack
+molecule: setup ## One Molecule scenario: make molecule SCENARIO=nginx|stack|cluster
+	molecule test -s $(SCENARIO)
+
+readme-figures: venv ## Render the README's generated figures from their results files
+	$(VENV)/bin/python tools/readme_figures.py
+
 # Part of make test (about 35 minutes): several hosts as one endpoint; this runs it alone.
 test-cluster: setup ## The cluster scenario alone: 2 gpu hosts, 2 gateways, Redis (~35 min)
 	molecule test -s cluster
@@ -131,7 +139,10 @@ $(CUDA_WHEELHOUSE)/.complete: roles/vllm/defaults/main.yml
 test-cuda-install: venv testbed $(CUDA_WHEELHOUSE)/.complete ## Opt-in: vLLM's CUDA build installed from a wheelhouse by the role
 	molecule test -s cuda-install
 
-test: lint test-tools test-rules test-proxy test-molecule ## Everything CI runs
+# tools/test_stages.py runs setup and the targets above as stages, prints their times and, last,
+# what failed; the table goes to tests/stages.json when every stage passed (README figure).
+test: ## Everything CI runs: setup, lint, unit tests, gateway tests, the three scenarios
+	$(PYTHON) tools/test_stages.py
 
 check: venv ## Read-only host checks against INVENTORY=inventories/<env>
 	$(VENV)/bin/python tools/check_hosts.py --inventory $(INVENTORY)
@@ -149,5 +160,10 @@ bench-ab: venv ## A/B: gateway vs its base revision, vs aiohttp's client, one vs
 	$(VENV)/bin/python bench/ab.py --base $(BASE) --record
 	$(VENV)/bin/python bench/ab.py --client --record
 	$(VENV)/bin/python bench/ab.py --routing 8 --record
+
+# On `make demo`'s host: how soon vLLM stops after a client leaves (bench/leaving.json).
+bench-leaving: venv ## How soon vLLM stops after a client leaves, on the demo host (not a test)
+	$(VENV)/bin/python bench/leaving.py
+	$(VENV)/bin/python tools/readme_figures.py
 
 clean: demo-down ## Remove the demo host; keep caches

@@ -3,7 +3,7 @@
     python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
     python tools/readme_figures.py --check   fail when any of them differs (make lint)
 
-Five blocks of README.md, each between its marker comments:
+Six blocks of README.md, each between its marker comments:
 
 - ``bench``: the benchmark table and its sentences, from bench/results.json (written by
   bench/run.py);
@@ -14,6 +14,8 @@ Five blocks of README.md, each between its marker comments:
 - ``gap``: how long clients of a single gpu host got errors while a rolling update
   restarted its vLLM, from molecule/stack/gap.json (written by
   molecule/stack/tests/test_updates.py);
+- ``leaving``: how soon vLLM stopped after a client left, through nginx and the gateway,
+  from bench/leaving.json (written by bench/leaving.py on `make demo`'s host);
 - ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
   rule's `for:`, its threshold and range window are read from the rule; the wording of a row
   is in ALERTS below, with those values as placeholders.
@@ -208,6 +210,35 @@ def render_gap(data: dict) -> str:
     return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n"
 
 
+def render_leaving(data: dict) -> str:
+    """The README's client-leaving table from bench/leaving.json."""
+    run = data["run"]
+    machine = {
+        "quiet": "quiet",
+        "busy": f"every core also spun by {run['busy_spinners']} processes",
+    }
+    lines = [
+        "| machine | load average | a stream, left after its third event "
+        "| a whole answer, left while vLLM ran it |",
+        "|---|---|---|---|",
+    ]
+    for load, modes in data["summary"].items():
+        cells = " | ".join(
+            f"{modes[mode]['median_ms']:.0f} ms (max {modes[mode]['max_ms']:.0f})"
+            for mode in ("stream", "whole")
+        )
+        lines.append(f"| {machine[load]} | {run['load_average_end'][load]:.1f} | {cells} |")
+    text = (
+        f"How soon vLLM stops after a client leaves: milliseconds from the client's close to "
+        f"vLLM reporting no request running, through nginx and the gateway on `make demo`'s "
+        f"host, median of {run['rounds']} rounds (`bench/leaving.py`, run "
+        f"{run['time_utc'][:10]} on {run['cpus']} CPUs, "
+        f"{data['summary']['quiet']['stream']['asked']:,} tokens asked per request; goal "
+        f"{data['goal_ms']} ms; figures from `bench/leaving.json`):"
+    )
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n" + "\n".join(lines) + "\n"
+
+
 def _rule_values(rule: dict) -> dict[str, str]:
     expr = " ".join(str(rule["expr"]).split())
     values = {"for": _duration(str(rule.get("for", "0s")))}
@@ -297,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", type=Path, default=REPO / "molecule" / "stack" / "rerun.json")
     parser.add_argument("--roll", type=Path, default=REPO / "molecule" / "cluster" / "roll.json")
     parser.add_argument("--gap", type=Path, default=REPO / "molecule" / "stack" / "gap.json")
+    parser.add_argument("--leaving", type=Path, default=REPO / "bench" / "leaving.json")
     parser.add_argument(
         "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
     )
@@ -311,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         wanted = replace_block(wanted, "rerun", render_rerun(json.loads(args.rerun.read_text())))
         wanted = replace_block(wanted, "roll", render_roll(json.loads(args.roll.read_text())))
         wanted = replace_block(wanted, "gap", render_gap(json.loads(args.gap.read_text())))
+        wanted = replace_block(
+            wanted, "leaving", render_leaving(json.loads(args.leaving.read_text()))
+        )
         results_md = _bench_module(args.bench).render_results(data)
     except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)
@@ -327,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_diff(path, old, new), file=sys.stderr, end="")
         print(
             f"{path} differs from what tools/readme_figures.py renders from {args.results.name}, "
-            f"{args.rules.name}, {args.rerun.name}, {args.roll.name} and {args.gap.name}: do not "
+            f"{args.rules.name}, {args.rerun.name}, {args.roll.name}, {args.gap.name} and "
+            f"{args.leaving.name}: do not "
             "edit it by hand; "
             "run `python tools/readme_figures.py` (after `make bench`, a run of the stack or "
             "cluster scenario, or "

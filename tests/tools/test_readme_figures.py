@@ -84,6 +84,23 @@ GAP = {
     "roll_seconds": 95.0,
 }
 
+LEAVING = {
+    "goal_ms": 100,
+    "run": {
+        "time_utc": "2030-01-02T03:04+00:00",
+        "cpus": 4,
+        "load_average_end": {"quiet": 0.4, "busy": 4.2},
+        "busy_spinners": 4,
+        "rounds": 5,
+    },
+    "summary": {
+        load: {
+            mode: {"median_ms": ms, "max_ms": ms * 2, "median_tokens_after": 8, "asked": 8000}
+            for mode, ms in (("stream", base), ("whole", base + 1))
+        }
+        for load, base in (("quiet", 11), ("busy", 21))
+    },
+}
 README = """# project
 
 Prose before.
@@ -111,6 +128,9 @@ A roll took forever.
 <!-- gap:begin: generated -->
 No gap at all.
 <!-- gap:end -->
+<!-- leaving:begin: generated -->
+vLLM never stops.
+<!-- leaving:end -->
 """
 
 
@@ -124,12 +144,14 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "rerun": tmp_path / "rerun.json",
         "roll": tmp_path / "roll.json",
         "gap": tmp_path / "gap.json",
+        "leaving": tmp_path / "leaving.json",
     }
     paths["readme"].write_text(README)
     paths["results"].write_text(json.dumps(RESULTS))
     paths["rerun"].write_text(json.dumps(RERUN))
     paths["roll"].write_text(json.dumps(ROLL))
     paths["gap"].write_text(json.dumps(GAP))
+    paths["leaving"].write_text(json.dumps(LEAVING))
     paths["rules"].write_text(RULES.read_text())
     return paths
 
@@ -242,3 +264,22 @@ def test_the_single_host_gap_comes_from_gap_json(sources):
     check = tool(sources, "--check")
     assert check.returncode == 1
     assert "gap.json" in check.stderr
+
+
+def test_the_client_leaving_table_comes_from_leaving_json(sources):
+    assert tool(sources).returncode == 0
+    readme = sources["readme"].read_text()
+    assert "| quiet | 0.4 | 11 ms (max 22) | 12 ms (max 24) |" in readme
+    assert (
+        "| every core also spun by 4 processes | 4.2 | 21 ms (max 42) | 22 ms (max 44) |" in readme
+    )
+    assert "goal 100 ms" in " ".join(readme.split())
+    assert "never stops" not in readme
+    busy = LEAVING["summary"]["busy"]
+    slower = {**busy, "whole": {**busy["whole"], "median_ms": 950}}
+    sources["leaving"].write_text(
+        json.dumps({**LEAVING, "summary": {**LEAVING["summary"], "busy": slower}})
+    )
+    check = tool(sources, "--check")
+    assert check.returncode == 1
+    assert "leaving.json" in check.stderr
