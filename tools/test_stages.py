@@ -5,8 +5,8 @@
 
 Each stage is a make target (or a Molecule scenario) run with its output streamed as it
 comes and kept in .cache/test-results/<stage>.log. Every pytest run writes a JUnit file there
-(PYTEST_ADDOPTS) and prints its slowest tests; every Ansible run prints its tasks' timings
-(the profile_tasks callback). At the end come, in this order and last in the output (CI
+(PYTEST_ADDOPTS) and prints its slowest tests; Molecule's Ansible runs print their tasks'
+timings (the profile_tasks callback, in each scenario's molecule.yml). At the end come, in this order and last in the output (CI
 shows only the tail of a run): a table of the stages (seconds, load average at the start,
 result), then for a failed stage the failed tests with their assertion, or the failed tasks
 of an Ansible run. The table goes to .cache/test-results/stages.json, and, when every stage
@@ -85,8 +85,6 @@ def _env(stage: Stage) -> dict[str, str]:
     # Every pytest run of the stage (the last one's file wins, so Molecule's verify is the one
     # kept for a scenario: its tests are what can fail there).
     env["PYTEST_ADDOPTS"] = f"--junitxml={junit} --durations=20 " + env.get("PYTEST_ADDOPTS", "")
-    env["ANSIBLE_CALLBACKS_ENABLED"] = "ansible.posix.profile_tasks"
-    env["PROFILE_TASKS_TASK_OUTPUT_LIMIT"] = "20"
     return env
 
 
