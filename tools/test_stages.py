@@ -1,21 +1,22 @@
 #!/usr/bin/env python3
 """`make test`'s driver: runs the suite's stages, times them, and names what failed last.
 
-    python3 tools/test_stages.py [--stages a,b,...] [--keep-going]
+    python3 tools/test_stages.py [--stages a,b+c,...]
 
-Each stage is a make target (or a Molecule scenario) run with its output streamed as it
-comes and kept in .cache/test-results/<stage>.log. Every pytest run writes a JUnit file there
-(PYTEST_ADDOPTS) and prints its slowest tests; Molecule's Ansible runs print their tasks'
-timings (the profile_tasks callback, in each scenario's molecule.yml). At the end come, in this order and last in the output (CI
-shows only the tail of a run): a table of the stages (seconds, load average at the start,
-result), then for a failed stage the failed tests with their assertion, or the failed tasks
-of an Ansible run. The table goes to .cache/test-results/stages.json, and, when every stage
-passed, to tests/stages.json too, from which tools/readme_figures.py renders the README's
-test-time figure.
+Each stage is a make target run with its output streamed as it comes and kept in
+.cache/test-results/<stage>.log. Every pytest run writes a JUnit file there (PYTEST_ADDOPTS)
+and prints its slowest tests; Molecule's Ansible runs print their tasks' timings (the
+profile_tasks callback, in each scenario's molecule.yml). A failed stage does not stop the
+run (but for setup, which every other stage needs): one run names every failure.
 
-Stages run one after the other, except those of a group (``a+b``): these run side by side,
-each with its output held back and printed whole when it ends (the way make's
---output-sync does), for stages that do not compete for the CPU with each other.
+Last in the output, since CI shows only the tail of a run: a table of the stages (seconds,
+load average at the start, result), then, for each failed stage, its failed tests with their
+assertion, or the failure lines of its Ansible run. The table goes to
+.cache/test-results/stages.json and, when every stage passed, to tests/stages.json, from
+which tools/readme_figures.py renders the README's test-time figure.
+
+The stages of a group (``a+b``) run side by side, each with its output held back and printed
+whole when it ends (as make's --output-sync does): for stages that do not compete for the CPU.
 
 Standard library only: it runs before the virtualenv exists (its first stage makes it).
 """
