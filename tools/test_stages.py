@@ -59,6 +59,13 @@ DEFAULT = (
 )
 # Nothing runs after these fail: every later stage needs them.
 PREREQUISITES = {"setup"}
+# Molecule's line as it starts an action of its sequence ("stack ➜ converge: Executing").
+_MOLECULE_STEP = re.compile(
+    rb"\xe2\x9e\x9c\s*(?:\x1b\[[0-9;]*m)*(\w+)(?:\x1b\[[0-9;]*m)*: (?:\x1b\[[0-9;]*m)*Executing"
+    rb"(?:\x1b\[[0-9;]*m)*\s*$"
+)
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+_FRAME = re.compile(r"^\s*│\s?")
 # An Ansible line that says what failed (a task, a host, Molecule's idempotence check).
 _ANSIBLE_FAILURE = re.compile(
     r"^(fatal: \[|failed: \[|ERROR|CRITICAL|.*Idempotence test failed|.*unreachable=[1-9])"
@@ -73,6 +80,8 @@ class Stage:
     load_start: float = 0.0
     rc: int | None = None
     log: Path = field(default_factory=Path)
+    # A Molecule scenario's actions (create, converge, verify...): [name, seconds].
+    steps: list[list] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -85,7 +94,8 @@ def _env(stage: Stage) -> dict[str, str]:
     junit.unlink(missing_ok=True)
     # Every pytest run of the stage (the last one's file wins, so Molecule's verify is the one
     # kept for a scenario: its tests are what can fail there).
-    env["PYTEST_ADDOPTS"] = f"--junitxml={junit} --durations=20 " + env.get("PYTEST_ADDOPTS", "")
+    # Last, so that they win over options from the environment.
+    env["PYTEST_ADDOPTS"] = env.get("PYTEST_ADDOPTS", "") + f" --junitxml={junit} --durations=20"
     return env
 
 
@@ -102,11 +112,17 @@ def run(stage: Stage, echo: bool) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
+            step = _MOLECULE_STEP.search(line)
+            if step:
+                stage.steps.append([step.group(1).decode(), time.monotonic() - start])
             if echo:
                 sys.stdout.buffer.write(line)
                 sys.stdout.flush()
         stage.rc = proc.wait()
     stage.seconds = time.monotonic() - start
+    # Each action lasts until the next one starts (the last one until the stage ends).
+    ends = [t for _, t in stage.steps[1:]] + [stage.seconds] * bool(stage.steps)
+    stage.steps = [[name, round(end - t)] for (name, t), end in zip(stage.steps, ends, strict=True)]
 
 
 def run_group(stages: list[Stage]) -> None:
@@ -156,7 +172,9 @@ def failure_lines(stage: Stage) -> list[str]:
     tests = failed_tests(RESULTS / f"{stage.name}.xml")
     if tests:
         return tests
-    text = stage.log.read_text(errors="replace").splitlines() if stage.log.exists() else []
+    raw = stage.log.read_text(errors="replace").splitlines() if stage.log.exists() else []
+    # Molecule draws a frame of colours and "│" around Ansible's output.
+    text = [_FRAME.sub("", _COLOUR.sub("", line)) for line in raw]
     ansible = [line[:300] for line in text if _ANSIBLE_FAILURE.match(line)]
     return ansible[-12:] or [line[:300] for line in text[-12:]]
 
@@ -180,6 +198,7 @@ def report(stages: list[Stage], skipped: list[str], started: float) -> dict:
                 "seconds": round(s.seconds),
                 "load_average_start": round(s.load_start, 2),
                 "passed": s.passed,
+                **({"steps": dict(_numbered(s.steps))} if s.steps else {}),
             }
             for s in stages
         ],
@@ -190,12 +209,24 @@ def report(stages: list[Stage], skipped: list[str], started: float) -> dict:
     return record
 
 
+def _numbered(steps: list[list]) -> list[tuple[str, int]]:
+    """Molecule runs destroy twice: the second becomes "destroy 2"."""
+    seen: dict[str, int] = {}
+    out = []
+    for name, seconds in steps:
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name} {seen[name]}", seconds))
+    return out
+
+
 def print_report(record: dict, stages: list[Stage]) -> None:
     print("\n===== make test: stages =====")
     print(f"{'stage':<18} {'seconds':>8} {'load at start':>14}  result")
     for s in record["stages"]:
         result = "passed" if s["passed"] else "FAILED"
         print(f"{s['name']:<18} {s['seconds']:>8} {s['load_average_start']:>14.2f}  {result}")
+        for step, seconds in s.get("steps", {}).items():
+            print(f"  {step:<16} {seconds:>8}")
     for name in record["skipped"]:
         print(f"{name:<18} {'-':>8} {'-':>14}  not run (a stage it needs failed)")
     print(f"{'total':<18} {record['seconds']:>8}   ({record['seconds'] / 60:.1f} min)")
@@ -205,16 +236,17 @@ def print_report(record: dict, stages: list[Stage]) -> None:
         return
     print("\n===== make test: what failed =====")
     for s in failed:
-        print(f"stage {s.name} (exit {s.rc}; its whole output: {s.log.relative_to(REPO)}):")
+        log = s.log.relative_to(REPO) if s.log.is_relative_to(REPO) else s.log
+        print(f"stage {s.name} (exit {s.rc}; its whole output: {log}):")
         for line in failure_lines(s):
             print(f"  FAILED {line}")
     print(f"make test: {len(failed)} stage(s) failed: {', '.join(s.name for s in failed)}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default=DEFAULT, help=f"default: {DEFAULT}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     groups = [[Stage(n, STAGES[n]) for n in g.split("+")] for g in args.stages.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

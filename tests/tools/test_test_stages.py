@@ -1,0 +1,103 @@
+"""tools/test_stages.py, make test's driver: stages timed, every stage run, failures named last.
+
+The stages here are small commands of the test's own (a pytest run with a failing test, an
+Ansible-like failure, a passing step), run by the driver as it runs make's targets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAILING_TEST = """
+def test_fine():
+    assert True
+
+def test_the_answer():
+    answer = 41
+    assert answer == 42, "the answer is off by one"
+"""
+
+
+@pytest.fixture
+def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    spec = importlib.util.spec_from_file_location("test_stages_tool", REPO / "tools/test_stages.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "RECORD", tmp_path / "stages.json")
+    suite = tmp_path / "test_suite.py"
+    suite.write_text(FAILING_TEST)
+    py = sys.executable
+    ansible_failure = (
+        "print('TASK [x]'); print('fatal: [host1]: FAILED! => {\"msg\": \"no such unit\"}');"
+        "raise SystemExit(2)"
+    )
+    monkeypatch.setattr(
+        module,
+        "STAGES",
+        {
+            "setup": [py, "-c", "print('ready')"],
+            "unit": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)],
+            "deploy": [py, "-c", ansible_failure],
+            "lint": [py, "-c", "print('clean')"],
+        },
+    )
+    return module
+
+
+def test_every_stage_runs_and_the_failures_are_named_last(driver, capsys) -> None:
+    rc = driver.main(["--stages", "setup,unit+lint,deploy"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    tail = out.splitlines()[-12:]
+    text = "\n".join(tail)
+    # The table, then what failed: the failed test with its assertion, the failed task.
+    assert "test_the_answer: AssertionError: the answer is off by one" in text, text
+    assert "FAILED fatal: [host1]: FAILED!" in text, text
+    assert tail[-1] == "make test: 2 stage(s) failed: unit, deploy"
+    assert "test_fine" not in text
+    record = json.loads((driver.RESULTS / "stages.json").read_text())
+    assert [s["name"] for s in record["stages"]] == ["setup", "unit", "lint", "deploy"]
+    assert [s["passed"] for s in record["stages"]] == [True, False, True, False]
+    assert all(s["seconds"] >= 0 and s["load_average_start"] >= 0 for s in record["stages"])
+    assert not driver.RECORD.exists(), "a failed run is no figure for the README"
+
+
+def test_a_passing_run_is_recorded_for_the_readme(driver, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(driver, "DEFAULT", "setup,lint")
+    assert driver.main(["--stages", "setup,lint"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "make test: every stage passed"
+    record = json.loads(driver.RECORD.read_text())
+    assert record["passed"] is True and [s["name"] for s in record["stages"]] == ["setup", "lint"]
+
+
+def test_nothing_runs_after_setup_fails(driver, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(driver.STAGES, "setup", [sys.executable, "-c", "raise SystemExit(1)"])
+    assert driver.main(["--stages", "setup,lint"]) == 1
+    out = capsys.readouterr().out
+    assert "lint" in out and "not run (a stage it needs failed)" in out
+    record = json.loads((driver.RESULTS / "stages.json").read_text())
+    assert record["skipped"] == ["lint"]
+
+
+def test_molecule_steps_are_timed_from_its_output(driver) -> None:
+    line = (
+        "\x1b[36mINFO    \x1b[0m \x1b[32mstack\x1b[0m ➜ \x1b[33mconverge\x1b[0m: "
+        "\x1b[36mExecuting\x1b[0m"
+    )
+    assert driver._MOLECULE_STEP.search(line.encode()).group(1) == b"converge"
+    tests = line.replace("Executing\x1b[0m", "Executing Testinfra tests found in x/...")
+    assert driver._MOLECULE_STEP.search(tests.encode()) is None
+    assert driver._numbered([["destroy", 3], ["converge", 9], ["destroy", 2]]) == [
+        ("destroy", 3),
+        ("converge", 9),
+        ("destroy 2", 2),
+    ]
