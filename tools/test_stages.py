@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
 """`make test`'s driver: runs the suite's stages, times them, and names what failed last.
 
-    python3 tools/test_stages.py [--stages a,b+c,...]
+    python3 tools/test_stages.py [--plan "a,b+c,d+&e,..."]
 
-Each stage is a make target run with its output streamed as it comes and kept in
-.cache/test-results/<stage>.log. Every pytest run writes a JUnit file there (PYTEST_ADDOPTS)
-and prints its slowest tests; Molecule's Ansible runs print their tasks' timings (the
-profile_tasks callback, in each scenario's molecule.yml). A failed stage does not stop the
-run (but for setup, which every other stage needs): one run names every failure.
+Each stage is a command (a make target), or, for the Molecule scenarios, the commands of a
+scenario's sequence: ``<scenario>-up`` (destroy leftovers, create, prepare, converge) and
+``<scenario>-check`` (idempotence where the scenario has it, verify, and always destroy).
+Its output is kept in .cache/test-results/<stage>.log. Every pytest run writes a JUnit file
+there (PYTEST_ADDOPTS) and prints its slowest tests; Molecule's Ansible runs print their
+tasks' timings (the profile_tasks callback, .config/molecule/config.yml). A failed stage does
+not stop the run: one run names every failure (setup excepted: every stage needs it).
+
+The plan is a list of groups run one after the other; the stages of a group (``a+b``) run
+side by side, with their output held back and printed whole when each ends (as make's
+--output-sync does). A stage marked ``&`` runs in the background: the plan goes on while it
+runs, at the lowest priority (nice 19, and its test hosts at Docker's lowest CPU shares
+until its check begins), so that it takes only CPU that the stages in front of it leave
+idle; a stage that needs it (``<scenario>-check`` needs ``<scenario>-up``) waits for it.
+That is how the next scenario's hosts are converged while the current one is verified.
 
 Last in the output, since CI shows only the tail of a run: a table of the stages (seconds,
 load average at the start, result), then, for each failed stage, its failed tests with their
 assertion, or the failure lines of its Ansible run. The table goes to
 .cache/test-results/stages.json and, when every stage passed, to tests/stages.json, from
 which tools/readme_figures.py renders the README's test-time figure.
-
-The stages of a group (``a+b``) run side by side, each with its output held back and printed
-whole when it ends (as make's --output-sync does): for stages that do not compete for the CPU.
 
 Standard library only: it runs before the virtualenv exists (its first stage makes it).
 """
@@ -41,22 +48,50 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / ".cache" / "test-results"
 RECORD = REPO / "tests" / "stages.json"
 
-# name -> command; the order is make test's.
-STAGES: dict[str, list[str]] = {
-    "setup": ["make", "setup"],
-    "lint": ["make", "lint"],
-    "test-tools": ["make", "test-tools"],
-    "test-rules": ["make", "test-rules"],
-    "test-proxy": ["make", "test-proxy"],
-    "molecule-nginx": ["make", "molecule", "SCENARIO=nginx"],
-    "molecule-stack": ["make", "molecule", "SCENARIO=stack"],
-    "molecule-cluster": ["make", "molecule", "SCENARIO=cluster"],
-    "readme-figures": ["make", "readme-figures"],
+Command = list[str]
+VENV_BIN = REPO / ".venv" / "bin"
+BACKGROUND_CPU_SHARES = 2  # Docker's default is 1024
+
+
+def _molecule(action: str, scenario: str) -> Command:
+    return [str(VENV_BIN / "molecule"), action, "-s", scenario]
+
+
+def _up(scenario: str) -> list[Command]:
+    # `converge` runs Molecule's create and prepare first; the shares are set in between.
+    create = [_molecule("destroy", scenario), _molecule("create", scenario)]
+    return [*create, ["@cpu-shares", scenario], _molecule("converge", scenario)]
+
+
+def _check(scenario: str, idempotence: bool) -> list[Command]:
+    steps = [["@cpu-shares", scenario]]
+    if idempotence:
+        steps.append(_molecule("idempotence", scenario))
+    return [*steps, _molecule("verify", scenario)]
+
+
+# name -> (commands, commands run last whatever happened before).
+STAGES: dict[str, tuple[list[Command], list[Command]]] = {
+    "setup": ([["make", "setup"]], []),
+    "lint": ([["make", "lint"]], []),
+    "test-tools": ([["make", "test-tools"]], []),
+    "test-rules": ([["make", "test-rules"]], []),
+    "test-proxy": ([["make", "test-proxy"]], []),
+    "nginx": ([_molecule("test", "nginx")], []),
+    # The stack scenario has no idempotence step: its first test re-runs site.yml.
+    "stack-up": (_up("stack"), []),
+    "stack-check": (_check("stack", idempotence=False), [_molecule("destroy", "stack")]),
+    "cluster-up": (_up("cluster"), []),
+    "cluster-check": (_check("cluster", idempotence=True), [_molecule("destroy", "cluster")]),
+    "readme-figures": ([["make", "readme-figures"]], []),
 }
+# Measured on this 2-core machine: the scenarios' verify leaves the CPU idle most of the
+# time (vLLM loading, waits on events), so the next scenario's converge runs behind it.
 DEFAULT = (
-    "setup,lint+test-tools+test-rules,test-proxy,molecule-nginx,molecule-stack,"
-    "molecule-cluster,readme-figures"
+    "setup,lint+test-tools+test-rules+nginx,test-proxy+&stack-up,stack-check+&cluster-up,"
+    "cluster-check,readme-figures"
 )
+NEEDS = {"stack-check": "stack-up", "cluster-check": "cluster-up"}
 # Nothing runs after these fail: every later stage needs them.
 PREREQUISITES = {"setup"}
 # Molecule's line as it starts an action of its sequence ("stack ➜ converge: Executing").
@@ -75,10 +110,14 @@ _ANSIBLE_FAILURE = re.compile(
 @dataclass
 class Stage:
     name: str
-    command: list[str]
+    commands: list[Command]
+    always: list[Command] = field(default_factory=list)
+    background: bool = False
     seconds: float = 0.0
     load_start: float = 0.0
     rc: int | None = None
+    skipped: bool = False
+    beside: list[str] = field(default_factory=list)
     log: Path = field(default_factory=Path)
     # A Molecule scenario's actions (create, converge, verify...): [name, seconds].
     steps: list[list] = field(default_factory=list)
@@ -90,6 +129,9 @@ class Stage:
 
 def _env(stage: Stage) -> dict[str, str]:
     env = dict(os.environ)
+    # What the Makefile exports, for a run started outside make.
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
+    env.setdefault("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
     junit = RESULTS / f"{stage.name}.xml"
     junit.unlink(missing_ok=True)
     # Every pytest run of the stage (the last one's file wins, so Molecule's verify is the one
@@ -99,53 +141,97 @@ def _env(stage: Stage) -> dict[str, str]:
     return env
 
 
+def _cpu_shares(stage: Stage, scenario: str) -> int:
+    """Lowest CPU shares for a background stage's test hosts, Docker's default otherwise."""
+    shares = BACKGROUND_CPU_SHARES if stage.background else 1024
+    names = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"network=llmhost-molecule-{scenario}"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    if not names:
+        return 0
+    return subprocess.run(
+        ["docker", "update", "--cpu-shares", str(shares), *names], capture_output=True, check=False
+    ).returncode
+
+
+def _run_command(stage: Stage, command: Command, log, echo: bool, start: float) -> int:
+    if command[0] == "@cpu-shares":
+        return _cpu_shares(stage, command[1])
+    if stage.background:
+        command = ["nice", "-n", "19", *command]
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=_env(stage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        step = _MOLECULE_STEP.search(line)
+        if step:
+            stage.steps.append([step.group(1).decode(), time.monotonic() - start])
+        if echo:
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+    return proc.wait()
+
+
 def run(stage: Stage, echo: bool) -> None:
-    """Run one stage; its output goes to its log, and to stdout as it comes when ``echo``."""
+    """Run one stage: its commands until one fails, then its ``always`` commands. Its output
+    goes to its log, and to stdout as it comes when ``echo``."""
     stage.log = RESULTS / f"{stage.name}.log"
     stage.load_start = os.getloadavg()[0]
     start = time.monotonic()
     with stage.log.open("wb") as log:
-        proc = subprocess.Popen(
-            stage.command, cwd=REPO, env=_env(stage), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            step = _MOLECULE_STEP.search(line)
-            if step:
-                stage.steps.append([step.group(1).decode(), time.monotonic() - start])
-            if echo:
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
-        stage.rc = proc.wait()
+        stage.rc = 0
+        for command in [] if stage.skipped else stage.commands:
+            stage.rc = _run_command(stage, command, log, echo, start)
+            if stage.rc != 0:
+                break
+        for command in stage.always:
+            _run_command(stage, command, log, echo, start)
+    if stage.skipped:
+        stage.rc = None
     stage.seconds = time.monotonic() - start
     # Each action lasts until the next one starts (the last one until the stage ends).
     ends = [t for _, t in stage.steps[1:]] + [stage.seconds] * bool(stage.steps)
     stage.steps = [[name, round(end - t)] for (name, t), end in zip(stage.steps, ends, strict=True)]
 
 
-def run_group(stages: list[Stage]) -> None:
-    if len(stages) == 1:
-        _banner(stages[0])
-        run(stages[0], echo=True)
-        return
+def _print_output(stage: Stage) -> None:
+    print(f"\n===== output of {stage.name} =====", flush=True)
+    sys.stdout.buffer.write(stage.log.read_bytes())
+    sys.stdout.flush()
+
+
+def run_group(stages: list[Stage], background: dict[str, threading.Thread]) -> None:
+    """Start the group's background stages, run the others, and return when those end."""
+    now = [s for s in stages if not s.background]
     for stage in stages:
-        _banner(stage, "side by side with " + ", ".join(s.name for s in stages if s is not stage))
-    threads = [threading.Thread(target=run, args=(s, False)) for s in stages]
+        stage.beside = [s.name for s in stages if s is not stage]
+        note = ("in the background, " if stage.background else "") + (
+            "side by side with " + ", ".join(stage.beside) if stage.beside else ""
+        )
+        _banner(stage, note.rstrip(", "))
+    for stage in stages:
+        if stage.background:
+            background[stage.name] = threading.Thread(target=run, args=(stage, False))
+            background[stage.name].start()
+    if len(now) == 1:
+        run(now[0], echo=True)
+        return
+    threads = [threading.Thread(target=run, args=(s, False)) for s in now]
     for t in threads:
         t.start()
-    for stage, t in zip(stages, threads, strict=True):
+    for stage, t in zip(now, threads, strict=True):
         t.join()
-        print(f"\n===== output of {stage.name} =====", flush=True)
-        sys.stdout.buffer.write(stage.log.read_bytes())
-        sys.stdout.flush()
+        _print_output(stage)
 
 
 def _banner(stage: Stage, note: str = "") -> None:
     when = datetime.now(UTC).strftime("%H:%M:%S")
     extra = f" ({note})" if note else ""
-    print(f"\n===== {when} stage {stage.name}: {' '.join(stage.command)}{extra} =====", flush=True)
+    what = " && ".join(" ".join(c) for c in stage.commands)
+    print(f"\n===== {when} stage {stage.name}: {what}{extra} =====", flush=True)
 
 
 def failed_tests(junit: Path) -> list[str]:
@@ -198,6 +284,8 @@ def report(stages: list[Stage], skipped: list[str], started: float) -> dict:
                 "seconds": round(s.seconds),
                 "load_average_start": round(s.load_start, 2),
                 "passed": s.passed,
+                **({"background": True} if s.background else {}),
+                **({"beside": s.beside} if s.beside else {}),
                 **({"steps": dict(_numbered(s.steps))} if s.steps else {}),
             }
             for s in stages
@@ -224,6 +312,11 @@ def print_report(record: dict, stages: list[Stage]) -> None:
     print(f"{'stage':<18} {'seconds':>8} {'load at start':>14}  result")
     for s in record["stages"]:
         result = "passed" if s["passed"] else "FAILED"
+        if s.get("background"):
+            beside = f", beside {', '.join(s['beside'])}" if s.get("beside") else ""
+            result += f" (in the background{beside})"
+        elif s.get("beside"):
+            result += f" (beside {', '.join(s['beside'])})"
         print(f"{s['name']:<18} {s['seconds']:>8} {s['load_average_start']:>14.2f}  {result}")
         for step, seconds in s.get("steps", {}).items():
             print(f"  {step:<16} {seconds:>8}")
@@ -243,23 +336,44 @@ def print_report(record: dict, stages: list[Stage]) -> None:
     print(f"make test: {len(failed)} stage(s) failed: {', '.join(s.name for s in failed)}")
 
 
+def _stage(token: str) -> Stage:
+    name = token.lstrip("&")
+    commands, always = STAGES[name]
+    return Stage(name, commands, always, background=token.startswith("&"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", default=DEFAULT, help=f"default: {DEFAULT}")
+    parser.add_argument("--plan", default=DEFAULT, help=f"default: {DEFAULT}")
     args = parser.parse_args(argv)
-    groups = [[Stage(n, STAGES[n]) for n in g.split("+")] for g in args.stages.split(",")]
+    groups = [[_stage(t) for t in g.split("+")] for g in args.plan.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     done: list[Stage] = []
     skipped: list[str] = []
+    background: dict[str, threading.Thread] = {}
+    by_name: dict[str, Stage] = {}
     for group in groups:
         if any(s.name in PREREQUISITES and not s.passed for s in done):
             skipped += [s.name for s in group]
             continue
-        run_group(group)
+        for stage in group:
+            need = NEEDS.get(stage.name)
+            if need in background:
+                background.pop(need).join()
+                _print_output(by_name[need])
+            if need in by_name and not by_name[need].passed:
+                stage.skipped = True  # its hosts are not there to check: only clean up
+        run_group(group, background)
         done += group
+        by_name.update((s.name, s) for s in group)
+    for name, thread in background.items():
+        thread.join()
+        _print_output(by_name[name])
+    skipped += [s.name for s in done if s.skipped]
+    done = [s for s in done if not s.skipped]
     record = report(done, skipped, started)
-    if record["passed"] and args.stages == DEFAULT:
+    if record["passed"] and args.plan == DEFAULT:
         RECORD.write_text(json.dumps(record, indent=2) + "\n")
     print_report(record, done)
     return 0 if record["passed"] else 1

@@ -40,21 +40,40 @@ def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         "print('TASK [x]'); print('fatal: [host1]: FAILED! => {\"msg\": \"no such unit\"}');"
         "raise SystemExit(2)"
     )
+    marker = tmp_path / "hosts-up"
     monkeypatch.setattr(
         module,
         "STAGES",
         {
-            "setup": [py, "-c", "print('ready')"],
-            "unit": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)],
-            "deploy": [py, "-c", ansible_failure],
-            "lint": [py, "-c", "print('clean')"],
+            "setup": ([[py, "-c", "print('ready')"]], []),
+            "unit": ([[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)]], []),
+            "deploy": ([[py, "-c", ansible_failure]], []),
+            "lint": ([[py, "-c", "print('clean')"]], []),
+            # A background stage: slow, and it says how nice it ran.
+            "hosts-up": (
+                [
+                    [
+                        py,
+                        "-c",
+                        f"import os, time; time.sleep(1); open({str(marker)!r}, 'w')"
+                        ".write(str(os.nice(0)))",
+                    ]
+                ],
+                [],
+            ),
+            "hosts-check": (
+                [[py, "-c", f"import pathlib; assert pathlib.Path({str(marker)!r}).exists()"]],
+                [[py, "-c", "print('hosts destroyed')"]],
+            ),
         },
     )
+    monkeypatch.setattr(module, "NEEDS", {"hosts-check": "hosts-up"})
+    module.marker = marker
     return module
 
 
 def test_every_stage_runs_and_the_failures_are_named_last(driver, capsys) -> None:
-    rc = driver.main(["--stages", "setup,unit+lint,deploy"])
+    rc = driver.main(["--plan", "setup,unit+lint,deploy"])
     out = capsys.readouterr().out
     assert rc == 1
     tail = out.splitlines()[-12:]
@@ -73,15 +92,17 @@ def test_every_stage_runs_and_the_failures_are_named_last(driver, capsys) -> Non
 
 def test_a_passing_run_is_recorded_for_the_readme(driver, monkeypatch, capsys) -> None:
     monkeypatch.setattr(driver, "DEFAULT", "setup,lint")
-    assert driver.main(["--stages", "setup,lint"]) == 0
+    assert driver.main(["--plan", "setup,lint"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "make test: every stage passed"
     record = json.loads(driver.RECORD.read_text())
     assert record["passed"] is True and [s["name"] for s in record["stages"]] == ["setup", "lint"]
 
 
 def test_nothing_runs_after_setup_fails(driver, monkeypatch, capsys) -> None:
-    monkeypatch.setitem(driver.STAGES, "setup", [sys.executable, "-c", "raise SystemExit(1)"])
-    assert driver.main(["--stages", "setup,lint"]) == 1
+    monkeypatch.setitem(
+        driver.STAGES, "setup", ([[sys.executable, "-c", "raise SystemExit(1)"]], [])
+    )
+    assert driver.main(["--plan", "setup,lint"]) == 1
     out = capsys.readouterr().out
     assert "lint" in out and "not run (a stage it needs failed)" in out
     record = json.loads((driver.RESULTS / "stages.json").read_text())
@@ -101,3 +122,25 @@ def test_molecule_steps_are_timed_from_its_output(driver) -> None:
         ("converge", 9),
         ("destroy 2", 2),
     ]
+
+
+def test_a_background_stage_runs_niced_and_its_check_waits_for_it(driver, capsys) -> None:
+    assert driver.main(["--plan", "setup,lint+&hosts-up,hosts-check"]) == 0
+    out = capsys.readouterr().out
+    assert driver.marker.read_text() == "19"
+    assert "hosts destroyed" in out  # the check's `always` commands ran
+    record = json.loads((driver.RESULTS / "stages.json").read_text())
+    stages = {s["name"]: s for s in record["stages"]}
+    assert stages["hosts-up"]["background"] is True and stages["hosts-up"]["beside"] == ["lint"]
+    assert stages["hosts-up"]["seconds"] >= 1
+
+
+def test_a_check_whose_hosts_failed_only_cleans_up(driver, monkeypatch, capsys) -> None:
+    bad = ([[sys.executable, "-c", "raise SystemExit(3)"]], [])
+    monkeypatch.setitem(driver.STAGES, "hosts-up", bad)
+    assert driver.main(["--plan", "setup,&hosts-up,hosts-check"]) == 1
+    out = capsys.readouterr().out
+    assert "hosts destroyed" in out
+    record = json.loads((driver.RESULTS / "stages.json").read_text())
+    assert record["skipped"] == ["hosts-check"]
+    assert out.splitlines()[-1] == "make test: 1 stage(s) failed: hosts-up"
