@@ -4,8 +4,9 @@
     python3 tools/test_stages.py [--plan "a,b+c,d+&e,..."]
 
 Each stage is a command (a make target), or, for the Molecule scenarios, the commands of a
-scenario's sequence: ``<scenario>-up`` (destroy leftovers, create, prepare, converge) and
-``<scenario>-check`` (idempotence where the scenario has it, verify, and always destroy).
+scenario's sequence: ``<scenario>-up`` (destroy leftovers, create, prepare, converge, and
+idempotence where the scenario has it) and ``<scenario>-check`` (verify, then destroy
+whatever happened).
 Its output is kept in .cache/test-results/<stage>.log. Every pytest run writes a JUnit file
 there (PYTEST_ADDOPTS) and prints its slowest tests; Molecule's Ansible runs print their
 tasks' timings (the profile_tasks callback, .config/molecule/config.yml). A failed stage does
@@ -57,17 +58,15 @@ def _molecule(action: str, scenario: str) -> Command:
     return [str(VENV_BIN / "molecule"), action, "-s", scenario]
 
 
-def _up(scenario: str) -> list[Command]:
+def _up(scenario: str, idempotence: bool) -> list[Command]:
     # `converge` runs Molecule's create and prepare first; the shares are set in between.
     create = [_molecule("destroy", scenario), _molecule("create", scenario)]
-    return [*create, ["@cpu-shares", scenario], _molecule("converge", scenario)]
+    steps = [*create, ["@cpu-shares", scenario], _molecule("converge", scenario)]
+    return steps + [_molecule("idempotence", scenario)] * idempotence
 
 
-def _check(scenario: str, idempotence: bool) -> list[Command]:
-    steps = [["@cpu-shares", scenario]]
-    if idempotence:
-        steps.append(_molecule("idempotence", scenario))
-    return [*steps, _molecule("verify", scenario)]
+def _check(scenario: str) -> list[Command]:
+    return [["@cpu-shares", scenario], _molecule("verify", scenario)]
 
 
 # name -> (commands, commands run last whatever happened before).
@@ -78,11 +77,11 @@ STAGES: dict[str, tuple[list[Command], list[Command]]] = {
     "test-rules": ([["make", "test-rules"]], []),
     "test-proxy": ([["make", "test-proxy"]], []),
     "nginx": ([_molecule("test", "nginx")], []),
-    # The stack scenario has no idempotence step: its first test re-runs site.yml.
-    "stack-up": (_up("stack"), []),
-    "stack-check": (_check("stack", idempotence=False), [_molecule("destroy", "stack")]),
-    "cluster-up": (_up("cluster"), []),
-    "cluster-check": (_check("cluster", idempotence=True), [_molecule("destroy", "cluster")]),
+    # The stack scenario has no idempotence step: its first test re-runs site.yml, timed.
+    "stack-up": (_up("stack", idempotence=False), []),
+    "stack-check": (_check("stack"), [_molecule("destroy", "stack")]),
+    "cluster-up": (_up("cluster", idempotence=True), []),
+    "cluster-check": (_check("cluster"), [_molecule("destroy", "cluster")]),
     "readme-figures": ([["make", "readme-figures"]], []),
 }
 # Measured on this 2-core machine: the scenarios' verify leaves the CPU idle most of the
