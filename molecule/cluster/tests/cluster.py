@@ -156,6 +156,34 @@ class Cluster:
         argv = ["sh", "-c", script, "redis-cli", *args]
         return self.run_stdin(REDIS, argv, password.read_text().split()[0])
 
+    @contextlib.contextmanager
+    def redis_commands(self) -> Iterator[list[str]]:
+        """Every command Redis runs during the block, scripts' own calls included, each line
+        with Redis' clock (its MONITOR feed), in the list once the block has ended."""
+        password = Path(os.environ["LLMHOST_CACHE_DIR"]) / "demo" / "redis-password"
+        path, unit = "/root/llmhost-test-monitor.log", "llmhost-test-monitor"
+        self.run(REDIS, f"rm -f {path}")
+        self.run(
+            REDIS,
+            "systemd-run --collect --unit %s -p StandardOutput=file:%s -E REDISCLI_AUTH=%s "
+            "stdbuf -oL redis-cli MONITOR",
+            unit,
+            path,
+            password.read_text().split()[0],
+        )
+        feed = self.hosts[REDIS]
+        wait_until(lambda: feed.run(f"grep -qx OK {path}").rc == 0, 30, "Redis' MONITOR feed")
+        lines: list[str] = []
+        try:
+            yield lines
+        finally:
+            # Redis feeds commands in order: once this one is in, every earlier one is too.
+            marker = f"llmhost-test-{time.time_ns()}"
+            self.redis("ECHO", marker)
+            wait_until(lambda: feed.run(f"grep -q {marker} {path}").rc == 0, 30, "the feed")
+            self.run(REDIS, f"systemctl stop {unit}")
+            lines += self.run(REDIS, f"cat {path}").splitlines()
+
     def active(self, name: str, unit: str) -> bool:
         return self.hosts[name].run(f"systemctl is-active {unit}").stdout.strip() == "active"
 
@@ -285,19 +313,29 @@ class Pending:
 
 @contextlib.contextmanager
 def frozen_vllm(cluster: Cluster, instances: Iterable[str] = GPU_HOSTS) -> Iterator[None]:
-    """vLLM's API server of the default instance on each host stopped (SIGSTOP): requests
-    sent to it are accepted by the kernel and then wait, so a request the gateway admits
-    holds its slot, for certain, until the test lets vLLM go on (SIGCONT, always) or the
-    gateway's first-byte timeout (30 s here) ends it. (Streams that the test left unread
-    did not hold: the hosts' TCP buffers took a whole 4.8 MB stream in a second.)"""
+    """vLLM's engine of the default instance on each host stopped (SIGSTOP to every process
+    under the API server: the engine core and its worker): the API server takes requests
+    and /health answers, but no token comes, so a request the gateway admits holds its slot,
+    for certain, until the test lets the engine go on (SIGCONT, always) or the gateway's
+    first-byte timeout (30 s here) ends it. (Streams that the test left unread did not hold:
+    the hosts' TCP buffers took a whole 4.8 MB stream in a second. And a stopped API server
+    did not hold either: on SIGCONT it ran its keep-alive timers before reading what had
+    arrived, closing the connections the gateway had reused: 502s.)"""
     hosts = list(instances)
     try:
         for h in hosts:
-            cluster.run(h, "systemctl kill --kill-whom=main -s STOP vllm")
+            cluster.run(h, ENGINE_SIGNAL.format(signal="STOP"))
         yield
     finally:
         for h in hosts:
-            cluster.run(h, "systemctl kill --kill-whom=main -s CONT vllm")
+            cluster.run(h, ENGINE_SIGNAL.format(signal="CONT"))
+
+
+# A signal to every process below vllm.service's main one (the API server).
+ENGINE_SIGNAL = (
+    "kids() {{ for c in $(pgrep -P $1); do echo $c; kids $c; done; }}; "
+    "kill -{signal} $(kids $(systemctl show -p MainPID --value vllm))"
+)
 
 
 def _auth(key: str) -> dict[str, str]:

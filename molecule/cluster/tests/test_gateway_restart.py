@@ -105,13 +105,13 @@ def test_a_gateway_restart_under_50_requests_a_second_fails_none(cluster: Cluste
 
 
 # Run on gw1 (the controller's round trips to the host take seconds on the loaded test
-# machine), while the controller keeps vLLM stopped (SIGSTOP): three answers of the key
-# through nginx, which wait on vLLM; `systemctl restart --no-block llm-proxy`; as soon as
-# the standby says it serves the gateway's socket and the old gateway that it is shutting
-# down (it closes its copy of the socket then), four short requests on new connections to
-# that socket; once they are answered, DURING_DONE tells the controller, which lets vLLM go
-# on. Prints what each got. (Long answers instead of a stopped vLLM raced the hand-over:
-# on a quiet machine 1,000 tokens were generated before it.)
+# machine), while the controller keeps vLLM's engine stopped (SIGSTOP, frozen_vllm): three
+# answers of the key through nginx, which wait on vLLM; `systemctl restart --no-block
+# llm-proxy`; as soon as the standby says it serves the gateway's socket and the old gateway
+# that it is shutting down (it closes its copy of the socket then), four short requests on
+# new connections to that socket; once they are answered, DURING_DONE tells the controller,
+# which lets vLLM go on. Prints what each got. (Long answers instead of a stopped vLLM raced
+# the hand-over: on a quiet machine 1,000 tokens were generated before it.)
 DURING_DONE = "/run/llmhost-test-during-done"
 HOLD_ACROSS_RESTART = textwrap.dedent(
     """

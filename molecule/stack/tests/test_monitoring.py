@@ -105,7 +105,11 @@ def _alert_state(prometheus: str, name: str) -> str | None:
     return "firing" if "firing" in states else ("pending" if states else None)
 
 
-def test_stopping_vllm_fires_its_alert(host, prometheus):
+def test_stopping_vllm_fires_its_alert_then_llmhost_target_restarts_the_stack(host, prometheus):
+    """vLLM stopped: VLLMDown goes pending, then firing. Then the whole stack goes down and
+    comes back through llmhost.target: `systemctl stop llmhost.target` stops every unit of
+    it, `systemctl start llmhost.target` starts them all again (vLLM too) and a completion
+    goes through nginx. One test, so that vLLM loads once for both."""
     assert _alert_state(prometheus, "VLLMDown") is None
     host.run("systemctl stop vllm")
     try:
@@ -120,13 +124,48 @@ def test_stopping_vllm_fires_its_alert(host, prometheus):
                 break
             time.sleep(3)
         assert seen == ["pending", "firing"], seen
-    finally:
-        host.run("systemctl start vllm")
-        for _ in range(60):
-            ready = host.run(
-                "curl -s -o /dev/null -w %s http://127.0.0.1:8001/ready", "%{http_code}"
-            )
-            if ready.stdout == "200":
+    except BaseException:
+        host.run("systemctl start vllm")  # the tests after this one need it
+        raise
+    _stop_and_start_llmhost_target(host)
+
+
+def _stop_and_start_llmhost_target(host) -> None:
+    units = host.run("systemctl list-dependencies llmhost.target --plain").stdout.split()
+    for unit in ("vllm.service", "llm-proxy.service", "llm-proxy.socket", "nginx.service"):
+        assert unit in units, units
+        assert "llmhost.target" in host.run("systemctl show -p PartOf --value %s", unit).stdout
+    # No Redis on this host: one gateway process, no standby (two would each count limits).
+    assert "llm-proxy-standby.service" not in units
+    with host.sudo():
+        host.run_expect([0], "systemctl stop llmhost.target")
+        # systemctl returns once the target is stopped; its units may still be stopping
+        # (the gateway lets its connections end).
+        members = [u for u in units if u.endswith((".service", ".socket"))]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            states = {u: host.run("systemctl is-active %s", u).stdout.strip() for u in members}
+            if all(state == "inactive" for state in states.values()):
                 break
-            time.sleep(2)
-    assert ready.stdout == "200", "vLLM did not come back"
+            time.sleep(1)
+        assert all(state == "inactive" for state in states.values()), states
+        host.run_expect([0], "systemctl start llmhost.target")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ready = host.run("curl -s -o /dev/null -w %s http://127.0.0.1:8001/ready", "%{http_code}")
+        if ready.stdout == "200":
+            break
+        time.sleep(1)
+    for unit in units:
+        if unit.endswith((".service", ".socket")):
+            assert host.run("systemctl is-active %s", unit).stdout.strip() == "active", unit
+    status = host.run(
+        "curl -s -o /dev/null -w %s -H %s -H 'Content-Type: application/json' "
+        "-d %s http://127.0.0.1:8000/v1/chat/completions",
+        "%{http_code}",
+        f"Authorization: Bearer {demo_key_text('admin-key')}",
+        json.dumps(
+            {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}
+        ),
+    )
+    assert status.stdout == "200"
