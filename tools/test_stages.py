@@ -318,7 +318,8 @@ def print_report(record: dict, stages: list[Stage]) -> None:
             result += f" (beside {', '.join(s['beside'])})"
         print(f"{s['name']:<18} {s['seconds']:>8} {s['load_average_start']:>14.2f}  {result}")
         for step, seconds in s.get("steps", {}).items():
-            print(f"  {step:<16} {seconds:>8}")
+            if seconds:  # Molecule's actions with nothing to do (dependency, cleanup) take 0
+                print(f"  {step:<16} {seconds:>8}")
     for name in record["skipped"]:
         print(f"{name:<18} {'-':>8} {'-':>14}  not run (a stage it needs failed)")
     print(f"{'total':<18} {record['seconds']:>8}   ({record['seconds'] / 60:.1f} min)")
