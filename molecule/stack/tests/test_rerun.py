@@ -1,8 +1,9 @@
 """A re-run of the whole site with nothing to change, as operators run it after every
 inventory edit: it changes nothing on any host, and how long it took is written to
 molecule/stack/rerun.json, from which tools/readme_figures.py renders the README's figure.
-It is also the scenario's idempotence check: it runs first in verify (conftest.py), on the
-hosts as the converge left them.
+It is also the scenario's idempotence check (the scenario has no Molecule idempotence step):
+the tests before it change no setting, so it meets the hosts as the converge left them, and
+a test that left something site.yml would put back fails it too.
 
 The duration is recorded, not asserted: on a shared machine it says as much about the
 load as about the playbook (the load average at the start is recorded beside it)."""
