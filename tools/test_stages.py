@@ -132,7 +132,6 @@ def _env(stage: Stage) -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
     env.setdefault("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
     junit = RESULTS / f"{stage.name}.xml"
-    junit.unlink(missing_ok=True)
     # Every pytest run of the stage (the last one's file wins, so Molecule's verify is the one
     # kept for a scenario: its tests are what can fail there).
     # Last, so that they win over options from the environment.
@@ -178,6 +177,7 @@ def run(stage: Stage, echo: bool) -> None:
     """Run one stage: its commands until one fails, then its ``always`` commands. Its output
     goes to its log, and to stdout as it comes when ``echo``."""
     stage.log = RESULTS / f"{stage.name}.log"
+    (RESULTS / f"{stage.name}.xml").unlink(missing_ok=True)  # an earlier run's
     stage.load_start = os.getloadavg()[0]
     start = time.monotonic()
     with stage.log.open("wb") as log:

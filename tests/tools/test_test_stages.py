@@ -46,7 +46,10 @@ def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         "STAGES",
         {
             "setup": ([[py, "-c", "print('ready')"]], []),
-            "unit": ([[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)]], []),
+            "unit": (
+                [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)]],
+                [[py, "-c", "print('cleaned up after the tests')"]],  # as a destroy does
+            ),
             "deploy": ([[py, "-c", ansible_failure]], []),
             "lint": ([[py, "-c", "print('clean')"]], []),
             # A background stage: slow, and it says how nice it ran.
