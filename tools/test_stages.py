@@ -100,9 +100,10 @@ _MOLECULE_STEP = re.compile(
 )
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 _FRAME = re.compile(r"^\s*│\s?")
-# An Ansible line that says what failed (a task, a host, Molecule's idempotence check).
+# An Ansible line that says what failed (a task, a host's recap, Molecule's idempotence check).
 _ANSIBLE_FAILURE = re.compile(
-    r"^(fatal: \[|failed: \[|ERROR|CRITICAL|.*Idempotence test failed|.*unreachable=[1-9])"
+    r"^(fatal: \[|failed: \[|ERROR!|.*Idempotence test failed"
+    r"|\S+\s+: ok=.*(failed|unreachable)=[1-9])"
 )
 
 
