@@ -140,7 +140,11 @@ def start(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
-            start_new_session=group,
+            # Its own process group (stopped as a whole), but not its own session: the kernel
+            # shares the CPU fairly between sessions (autogroup), so in a session of its own
+            # vLLM at nice 10 took 75% of both cores and starved the gateway and the client
+            # for seconds at a time, nice or not (measured: the gateway's /metrics took 8 s).
+            process_group=0 if group else None,
             pass_fds=pass_fds,
         )
     finally:
