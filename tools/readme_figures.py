@@ -3,7 +3,7 @@
     python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
     python tools/readme_figures.py --check   fail when any of them differs (make lint)
 
-Six blocks of README.md, each between its marker comments:
+Seven blocks of README.md, each between its marker comments:
 
 - ``bench``: the benchmark table and its sentences, from bench/results.json (written by
   bench/run.py);
@@ -16,6 +16,8 @@ Six blocks of README.md, each between its marker comments:
   molecule/stack/tests/test_updates.py);
 - ``leaving``: how soon vLLM stopped after a client left, through nginx and the gateway,
   from bench/leaving.json (written by bench/leaving.py on `make demo`'s host);
+- ``testtime``: how long `make test` took, stage by stage, from tests/stages.json (written
+  by tools/test_stages.py when every stage passed);
 - ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
   rule's `for:`, its threshold and range window are read from the rule; the wording of a row
   is in ALERTS below, with those values as placeholders.
@@ -239,6 +241,32 @@ def render_leaving(data: dict) -> str:
     return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n" + "\n".join(lines) + "\n"
 
 
+def render_testtime(data: dict) -> str:
+    """The README's test-time table from tests/stages.json (steps under a second left out)."""
+    run = data["run"]
+    lines = [
+        "| stage | seconds | load average at its start | ran |",
+        "|---|---|---|---|",
+    ]
+    for stage in data["stages"]:
+        ran = "in the background" if stage.get("background") else ""
+        if stage.get("beside"):
+            ran += (" beside " if ran else "beside ") + ", ".join(stage["beside"])
+        lines.append(
+            f"| {stage['name']} | {stage['seconds']:,} | {stage['load_average_start']:.1f} "
+            f"| {ran} |"
+        )
+        for step, seconds in stage.get("steps", {}).items():
+            if seconds:
+                lines.append(f"| &nbsp;&nbsp;{step} | {seconds:,} | | |")
+    text = (
+        f"`make test` took **{data['seconds'] / 60:.0f} minutes** (run {run['time_utc'][:10]} "
+        f"on {run['cpus']} CPUs, commit {run['commit']}; every stage passed; figures from "
+        f"`tests/stages.json`, which `make test` rewrites when every stage passes):"
+    )
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n" + "\n".join(lines) + "\n"
+
+
 def _rule_values(rule: dict) -> dict[str, str]:
     expr = " ".join(str(rule["expr"]).split())
     values = {"for": _duration(str(rule.get("for", "0s")))}
@@ -329,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roll", type=Path, default=REPO / "molecule" / "cluster" / "roll.json")
     parser.add_argument("--gap", type=Path, default=REPO / "molecule" / "stack" / "gap.json")
     parser.add_argument("--leaving", type=Path, default=REPO / "bench" / "leaving.json")
+    parser.add_argument("--stages", type=Path, default=REPO / "tests" / "stages.json")
     parser.add_argument(
         "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
     )
@@ -346,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         wanted = replace_block(
             wanted, "leaving", render_leaving(json.loads(args.leaving.read_text()))
         )
+        wanted = replace_block(
+            wanted, "testtime", render_testtime(json.loads(args.stages.read_text()))
+        )
         results_md = _bench_module(args.bench).render_results(data)
     except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)
@@ -362,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_diff(path, old, new), file=sys.stderr, end="")
         print(
             f"{path} differs from what tools/readme_figures.py renders from {args.results.name}, "
-            f"{args.rules.name}, {args.rerun.name}, {args.roll.name}, {args.gap.name} and "
-            f"{args.leaving.name}: do not "
+            f"{args.rules.name}, {args.rerun.name}, {args.roll.name}, {args.gap.name}, "
+            f"{args.leaving.name} and {args.stages.name}: do not "
             "edit it by hand; "
             "run `python tools/readme_figures.py` (after `make bench`, a run of the stack or "
             "cluster scenario, or "

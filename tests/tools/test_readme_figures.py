@@ -101,6 +101,24 @@ LEAVING = {
         for load, base in (("quiet", 11), ("busy", 21))
     },
 }
+STAGES = {
+    "run": {"time_utc": "2030-01-02T03:04:05+00:00", "cpus": 4, "commit": "abc1234"},
+    "seconds": 1500,
+    "passed": True,
+    "stages": [
+        {"name": "setup", "seconds": 20, "load_average_start": 0.1, "passed": True},
+        {
+            "name": "molecule-stack",
+            "seconds": 1480,
+            "load_average_start": 1.25,
+            "passed": True,
+            "background": True,
+            "beside": ["setup"],
+            "steps": {"converge": 400, "cleanup": 0, "verify": 1000, "destroy 2": 80},
+        },
+    ],
+    "skipped": [],
+}
 README = """# project
 
 Prose before.
@@ -131,6 +149,9 @@ No gap at all.
 <!-- leaving:begin: generated -->
 vLLM never stops.
 <!-- leaving:end -->
+<!-- testtime:begin: generated -->
+Tests take no time.
+<!-- testtime:end -->
 """
 
 
@@ -145,6 +166,7 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "roll": tmp_path / "roll.json",
         "gap": tmp_path / "gap.json",
         "leaving": tmp_path / "leaving.json",
+        "stages": tmp_path / "stages.json",
     }
     paths["readme"].write_text(README)
     paths["results"].write_text(json.dumps(RESULTS))
@@ -152,6 +174,7 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     paths["roll"].write_text(json.dumps(ROLL))
     paths["gap"].write_text(json.dumps(GAP))
     paths["leaving"].write_text(json.dumps(LEAVING))
+    paths["stages"].write_text(json.dumps(STAGES))
     paths["rules"].write_text(RULES.read_text())
     return paths
 
@@ -283,3 +306,17 @@ def test_the_client_leaving_table_comes_from_leaving_json(sources):
     check = tool(sources, "--check")
     assert check.returncode == 1
     assert "leaving.json" in check.stderr
+
+
+def test_the_test_time_comes_from_stages_json(sources):
+    assert tool(sources).returncode == 0
+    readme = sources["readme"].read_text()
+    assert "`make test` took **25 minutes**" in " ".join(readme.split())
+    assert "| molecule-stack | 1,480 | 1.2 | in the background beside setup |" in readme
+    assert "| &nbsp;&nbsp;converge | 400 | | |" in readme
+    assert "cleanup" not in readme
+    assert "no time" not in readme
+    sources["stages"].write_text(json.dumps({**STAGES, "seconds": 2400}))
+    check = tool(sources, "--check")
+    assert check.returncode == 1
+    assert "stages.json" in check.stderr

@@ -33,6 +33,10 @@ def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(module, "RECORD", tmp_path / "stages.json")
+    # Stands in for tools/readme_figures.py: it must find the run's record already written.
+    record, rendered = str(tmp_path / "stages.json"), str(tmp_path / "rendered.json")
+    render = f"import shutil; shutil.copy({record!r}, {rendered!r})"
+    monkeypatch.setattr(module, "RENDER", [sys.executable, "-c", render])
     suite = tmp_path / "test_suite.py"
     suite.write_text(FAILING_TEST)
     py = sys.executable
@@ -99,6 +103,8 @@ def test_a_passing_run_is_recorded_for_the_readme(driver, monkeypatch, capsys) -
     assert capsys.readouterr().out.splitlines()[-1] == "make test: every stage passed"
     record = json.loads(driver.RECORD.read_text())
     assert record["passed"] is True and [s["name"] for s in record["stages"]] == ["setup", "lint"]
+    # ... and the README's figure rendered from this very record, after it was written.
+    assert json.loads((driver.RECORD.parent / "rendered.json").read_text()) == record
 
 
 def test_nothing_runs_after_setup_fails(driver, monkeypatch, capsys) -> None:
