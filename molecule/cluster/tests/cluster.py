@@ -184,6 +184,20 @@ class Cluster:
             self.run(REDIS, f"systemctl stop {unit}")
             lines += self.run(REDIS, f"cat {path}").splitlines()
 
+    def drained(self, admin_key: str) -> dict[tuple[str, int], set[str]]:
+        """The backends each gateway process (gateway 8001, standby 8011) has drained, as its
+        admin API says."""
+        out = {}
+        for gw in GATEWAYS:
+            for port in (8001, 8011):
+                listed = self.run_stdin(
+                    gw,
+                    ["curl", "-sf", "-H", "@-", f"http://127.0.0.1:{port}/admin/backends"],
+                    f"Authorization: Bearer {admin_key}\n",
+                )
+                out[gw, port] = {b["name"] for b in json.loads(listed)["data"] if b["draining"]}
+        return out
+
     def active(self, name: str, unit: str) -> bool:
         return self.hosts[name].run(f"systemctl is-active {unit}").stdout.strip() == "active"
 
@@ -381,6 +395,9 @@ class SteadyLoad:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # How long it sent: from the first request to the end of the block (not the wait
+        # for the last answers after it).
+        self.sending_seconds = 0.0
 
     def _one(self, n: int) -> None:
         body = {
@@ -430,7 +447,7 @@ class SteadyLoad:
 
     def _run(self) -> None:
         n = 0
-        next_at = time.monotonic()
+        first = next_at = time.monotonic()
         while not self._stop.is_set():
             t = threading.Thread(target=self._one, args=(n,), daemon=True)
             t.start()
@@ -438,6 +455,7 @@ class SteadyLoad:
             n += 1
             next_at += self.interval
             self._stop.wait(max(0.0, next_at - time.monotonic()))
+        self.sending_seconds = time.monotonic() - first
 
     def __enter__(self) -> SteadyLoad:
         self._runner = threading.Thread(target=self._run, daemon=True)

@@ -159,21 +159,6 @@ def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Clus
     )
 
 
-def _drained(cluster: Cluster, admin_key: str) -> dict[tuple[str, int], set[str]]:
-    """The backends each gateway process (gateway 8001, standby 8011) has drained, as its
-    admin API says."""
-    out = {}
-    for gw in GATEWAYS:
-        for port in (8001, 8011):
-            listed = cluster.run_stdin(
-                gw,
-                ["curl", "-sf", "-H", "@-", f"http://127.0.0.1:{port}/admin/backends"],
-                f"Authorization: Bearer {admin_key}\n",
-            )
-            out[gw, port] = {b["name"] for b in json.loads(listed)["data"] if b["draining"]}
-    return out
-
-
 def test_a_host_that_does_not_come_back_stops_the_roll_and_the_others_serve(
     cluster: Cluster, user_key, admin_key
 ):
@@ -207,7 +192,7 @@ def test_a_host_that_does_not_come_back_stops_the_roll_and_the_others_serve(
     assert re.search(rf"{re.escape(first)}\s+:.*failed=1", recap), recap
     assert cluster.run(second, pid) == before, "the roll went on to the second host"
 
-    drained = _drained(cluster, admin_key)
+    drained = cluster.drained(admin_key)
     assert f"{first}/tiny" in drained[GATEWAYS[0], 8001], drained
     assert all(d == drained[GATEWAYS[0], 8001] for d in drained.values()), drained
     assert not any(b.startswith(f"{second}/") for d in drained.values() for b in d), drained
