@@ -107,6 +107,14 @@ def test_a_passing_run_is_recorded_for_the_readme(driver, monkeypatch, capsys) -
     assert json.loads((driver.RECORD.parent / "rendered.json").read_text()) == record
 
 
+def test_a_figure_that_cannot_be_rendered_fails_the_run_last(driver, monkeypatch, capsys):
+    monkeypatch.setattr(driver, "DEFAULT", "setup,lint")
+    monkeypatch.setattr(driver, "RENDER", [sys.executable, "-c", "raise SystemExit(1)"])
+    assert driver.main(["--plan", "setup,lint"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "every stage passed" in out[-2] and "readme_figures.py failed" in out[-1], out[-3:]
+
+
 def test_nothing_runs_after_setup_fails(driver, monkeypatch, capsys) -> None:
     monkeypatch.setitem(
         driver.STAGES, "setup", ([[sys.executable, "-c", "raise SystemExit(1)"]], [])
