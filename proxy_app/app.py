@@ -82,29 +82,7 @@ class Gateway:
         self.metrics.keys_loaded.set(len(self.keys.keys))
         lease_ttl = c.timeouts.total + 60
         if c.redis_url is not None:
-            from redis.asyncio import Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            # Bounded waits, so that an unreachable Redis fails requests (or turns on local
-            # mode) in seconds rather than hanging them. Once Redis restarts, every pooled
-            # connection is dead: a connection idle for a second is PINGed before use, and a
-            # command that fails on a dead connection is sent once more on a new one, so a
-            # restart costs no request (measured in the cluster scenario: without these, the
-            # first requests after a Redis restart got 503). A command whose answer was lost
-            # after Redis ran it may then run twice: a lease or a reservation that expires,
-            # or usage counted twice, never a request served without being counted.
-            self._redis = Redis.from_url(
-                c.redis_url,
-                socket_timeout=2.0,
-                socket_connect_timeout=2.0,
-                health_check_interval=1,
-                retry=Retry(NoBackoff(), 1),
-                # redis-py's pool refuses a command past 100 connections in use
-                # (MaxConnectionsError, a 503 here): a burst (the requests a standby takes
-                # while its gateway restarts) had more Redis commands at once.
-                max_connections=1024,
-            )
+            self._redis = redis_client(c.redis_url)
             self.usage = RedisUsageStore(self._redis, c.redis_prefix)
         else:
             self.usage = SqliteUsageStore(c.state_dir, c.sqlite_synchronous)
@@ -398,6 +376,43 @@ class Gateway:
 
 # Headers that carry credentials: given twice, two readers could pick different ones.
 _CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+
+
+def redis_client(url: str) -> Any:
+    """The gateway's Redis client: bounded waits, and no command sent ahead of another's answer.
+
+    Bounded waits, so that an unreachable Redis fails requests (or turns on local mode) in
+    seconds rather than hanging them. Once Redis restarts, every pooled connection is dead: a
+    connection idle for a second is PINGed before use, and a command that fails on a dead
+    connection is sent once more on a new one, so a restart costs no request (measured in the
+    cluster scenario: without these, the first requests after a Redis restart got 503). A
+    command whose answer was lost after Redis ran it may then run twice: a lease or a
+    reservation that expires, or usage counted twice, never a request served without being
+    counted.
+
+    No CLIENT SETINFO as a connection opens (``driver_info=None``): redis-py sends two of them
+    before reading either answer, and when the event loop stalls for more than the health
+    check's second between the two (a gateway starting on a loaded host), the health check's
+    PING reads the first SETINFO's answer; Redis before 7.2 (Debian 12's 7.0) answers it with
+    an error, so the request failed with 503 (measured: a gateway restart under load in the
+    cluster scenario; tests/proxy_app/test_redis_failure.py reproduces it).
+    """
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return Redis.from_url(
+        url,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+        health_check_interval=1,
+        retry=Retry(NoBackoff(), 1),
+        # redis-py's pool refuses a command past 100 connections in use (MaxConnectionsError,
+        # a 503 here): a burst (the requests a standby takes while its gateway restarts) had
+        # more Redis commands at once.
+        max_connections=1024,
+        driver_info=None,
+    )
 
 
 def _refuse_repeated_credentials(raw_headers: list[tuple[bytes, bytes]]) -> None:

@@ -11,6 +11,7 @@ Every wait has a deadline, so no request can hang on a silent vLLM.
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 from collections import deque
 
@@ -168,6 +169,18 @@ class _Connection(asyncio.Protocol):
                 self.transport.resume_reading()
         return data
 
+    def dropped(self) -> bool:
+        """Whether vLLM closed this idle connection, though the event loop has not seen it
+        yet: an idle connection with something to read (its FIN) is one vLLM closed."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -285,7 +298,10 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < _IDLE_EXPIRY:
+            # A loop that fell behind (a starved process) learns of vLLM's close late: the
+            # kernel knows at once. Without asking it, a POST sent on a connection vLLM had
+            # closed failed with 502 (measured: a gateway restart on a loaded host).
+            if not conn.closed and now - conn.idle_since < _IDLE_EXPIRY and not conn.dropped():
                 return conn
             conn.close()
         return None

@@ -53,6 +53,9 @@ RECORD = REPO / "tests" / "stages.json"
 Command = list[str]
 VENV_BIN = REPO / ".venv" / "bin"
 RENDER = [str(VENV_BIN / "python"), str(REPO / "tools" / "readme_figures.py")]
+# How much of a failure's first line is printed: enough for an assertion's message to say
+# why (a failed CI run's output is seen only by its tail).
+FAILURE_CHARS = 800
 BACKGROUND_CPU_SHARES = 128  # an eighth of Docker's default (1024): behind, not stopped
 
 
@@ -251,7 +254,7 @@ def failed_tests(junit: Path) -> list[str]:
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
             message = (bad.get("message") or bad.text or "").strip().splitlines()
             first = message[0] if message else kind
-            out.append(f"{name}: {first[:300]}")
+            out.append(f"{name}: {first[:FAILURE_CHARS]}")
     return out
 
 
@@ -263,8 +266,8 @@ def failure_lines(stage: Stage) -> list[str]:
     raw = stage.log.read_text(errors="replace").splitlines() if stage.log.exists() else []
     # Molecule draws a frame of colours and "│" around Ansible's output.
     text = [_FRAME.sub("", _COLOUR.sub("", line)) for line in raw]
-    ansible = [line[:300] for line in text if _ANSIBLE_FAILURE.match(line)]
-    return ansible[-12:] or [line[:300] for line in text[-12:]]
+    ansible = [line[:FAILURE_CHARS] for line in text if _ANSIBLE_FAILURE.match(line)]
+    return ansible[-12:] or [line[:FAILURE_CHARS] for line in text[-12:]]
 
 
 def report(stages: list[Stage], skipped: list[str], started: float) -> dict:

@@ -181,3 +181,37 @@ def test_a_redis_restart_costs_no_request(own_redis: OwnRedis, fake: Upstream, g
     own_redis.start()
     codes = [_post(gw).status_code for _ in range(8)]
     assert codes == [200] * 8, codes
+
+
+def test_an_event_loop_stall_as_a_redis_connection_opens_fails_no_command(redis_url: str):
+    """A gateway starting on a loaded host: its event loop stalls for over a second (the
+    health check's interval) after each command the client writes. With redis-py's CLIENT
+    SETINFO pair sent as each connection opens, the health check's PING then read the first
+    SETINFO's answer (an error from Redis before 7.2), and the request failed with 503
+    (measured: a gateway restart under load in the cluster scenario). The gateway's client
+    (``redis_client``) sends no command ahead of another's answer: every command answers."""
+    import asyncio
+    import time
+
+    from redis.asyncio.connection import Connection
+
+    from proxy_app.app import redis_client
+
+    send = Connection.send_command
+
+    async def stalled_send(self: Connection, *args: object, **kwargs: object) -> None:
+        await send(self, *args, **kwargs)
+        time.sleep(1.2)  # the whole loop, as a process starved of CPU is
+
+    async def commands() -> list[object]:
+        client = redis_client(redis_url)
+        try:
+            return [await client.set("llmhost:test", "1"), await client.get("llmhost:test")]
+        finally:
+            await client.aclose()
+
+    Connection.send_command = stalled_send  # type: ignore[method-assign]
+    try:
+        assert asyncio.run(commands()) == [True, b"1"]
+    finally:
+        Connection.send_command = send  # type: ignore[method-assign]
