@@ -175,11 +175,13 @@ class _Connection(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         if sock is None:
             return True
+        # poll, not select: select refuses descriptors past 1023, which a busy gateway has.
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def close(self) -> None:
         self.closed = True
