@@ -391,7 +391,7 @@ class SteadyLoad:
     for a stream whether it ended with [DONE] and no error event."""
 
     def __init__(self, url: str, key: str, rate: float, completions_every: int = 1) -> None:
-        self.url, self.key, self.interval = url, key, 1 / rate
+        self.interval = 1 / rate
         address = urlsplit(url)
         self._host, self._port = address.hostname, address.port
         self._headers = {**_auth(key), "Content-Type": "application/json"}
