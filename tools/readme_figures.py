@@ -245,20 +245,21 @@ def render_testtime(data: dict) -> str:
     """The README's test-time table from tests/stages.json (steps under a second left out)."""
     run = data["run"]
     lines = [
-        "| stage | seconds | load average at its start | ran |",
-        "|---|---|---|---|",
+        "| stage | seconds | load average at its start | CPU busy | ran |",
+        "|---|---|---|---|---|",
     ]
     for stage in data["stages"]:
         ran = "in the background" if stage.get("background") else ""
         if stage.get("beside"):
             ran += (" beside " if ran else "beside ") + ", ".join(stage["beside"])
+        busy = f"{stage['cpu_busy']:.0%}" if "cpu_busy" in stage else "-"
         lines.append(
             f"| {stage['name']} | {stage['seconds']:,} | {stage['load_average_start']:.1f} "
-            f"| {ran} |"
+            f"| {busy} | {ran} |"
         )
         for step, seconds in stage.get("steps", {}).items():
             if seconds:
-                lines.append(f"| &nbsp;&nbsp;{step} | {seconds:,} | | |")
+                lines.append(f"| &nbsp;&nbsp;{step} | {seconds:,} | | | |")
     text = (
         f"`make test` took **{data['seconds'] / 60:.0f} minutes** (run {run['time_utc'][:10]} "
         f"on {run['cpus']} CPUs, commit {run['commit']}; every stage passed; figures from "

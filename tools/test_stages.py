@@ -120,6 +120,9 @@ class Stage:
     background: bool = False
     seconds: float = 0.0
     load_start: float = 0.0
+    # The machine's CPU time that was busy while the stage ran (all stages of the machine
+    # together, /proc/stat): where it is low, the stage waits and something can run beside.
+    cpu_busy: float | None = None
     rc: int | None = None
     skipped: bool = False
     beside: list[str] = field(default_factory=list)
@@ -185,6 +188,7 @@ def run(stage: Stage, echo: bool) -> None:
     stage.log = RESULTS / f"{stage.name}.log"
     (RESULTS / f"{stage.name}.xml").unlink(missing_ok=True)  # an earlier run's
     stage.load_start = os.getloadavg()[0]
+    cpu_start = _cpu_times()
     start = time.monotonic()
     with stage.log.open("wb") as log:
         stage.rc = 0
@@ -197,9 +201,26 @@ def run(stage: Stage, echo: bool) -> None:
     if stage.skipped:
         stage.rc = None
     stage.seconds = time.monotonic() - start
+    stage.cpu_busy = _busy_share(cpu_start, _cpu_times())
     # Each action lasts until the next one starts (the last one until the stage ends).
     ends = [t for _, t in stage.steps[1:]] + [stage.seconds] * bool(stage.steps)
     stage.steps = [[name, round(end - t)] for (name, t), end in zip(stage.steps, ends, strict=True)]
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot; None where /proc/stat is not there."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
 
 
 def _print_output(stage: Stage) -> None:
@@ -288,6 +309,7 @@ def report(stages: list[Stage], skipped: list[str], started: float) -> dict:
                 "name": s.name,
                 "seconds": round(s.seconds),
                 "load_average_start": round(s.load_start, 2),
+                **({"cpu_busy": round(s.cpu_busy, 2)} if s.cpu_busy is not None else {}),
                 "passed": s.passed,
                 **({"background": True} if s.background else {}),
                 **({"beside": s.beside} if s.beside else {}),
@@ -314,7 +336,7 @@ def _numbered(steps: list[list]) -> list[tuple[str, int]]:
 
 def print_report(record: dict, stages: list[Stage]) -> None:
     print("\n===== make test: stages =====")
-    print(f"{'stage':<18} {'seconds':>8} {'load at start':>14}  result")
+    print(f"{'stage':<18} {'seconds':>8} {'load at start':>14} {'CPU busy':>9}  result")
     for s in record["stages"]:
         result = "passed" if s["passed"] else "FAILED"
         if s.get("background"):
@@ -322,12 +344,14 @@ def print_report(record: dict, stages: list[Stage]) -> None:
             result += f" (in the background{beside})"
         elif s.get("beside"):
             result += f" (beside {', '.join(s['beside'])})"
-        print(f"{s['name']:<18} {s['seconds']:>8} {s['load_average_start']:>14.2f}  {result}")
+        busy = f"{s['cpu_busy']:.0%}" if "cpu_busy" in s else "-"
+        load = s["load_average_start"]
+        print(f"{s['name']:<18} {s['seconds']:>8} {load:>14.2f} {busy:>9}  {result}")
         for step, seconds in s.get("steps", {}).items():
             if seconds:  # Molecule's actions with nothing to do (dependency, cleanup) take 0
                 print(f"  {step:<16} {seconds:>8}")
     for name in record["skipped"]:
-        print(f"{name:<18} {'-':>8} {'-':>14}  not run (a stage it needs failed)")
+        print(f"{name:<18} {'-':>8} {'-':>14} {'-':>9}  not run (a stage it needs failed)")
     print(f"{'total':<18} {record['seconds']:>8}   ({record['seconds'] / 60:.1f} min)")
     failed = [s for s in stages if not s.passed]
     if not failed:

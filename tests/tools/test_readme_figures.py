@@ -111,6 +111,7 @@ STAGES = {
             "name": "molecule-stack",
             "seconds": 1480,
             "load_average_start": 1.25,
+            "cpu_busy": 0.625,
             "passed": True,
             "background": True,
             "beside": ["setup"],
@@ -312,8 +313,9 @@ def test_the_test_time_comes_from_stages_json(sources):
     assert tool(sources).returncode == 0
     readme = sources["readme"].read_text()
     assert "`make test` took **25 minutes**" in " ".join(readme.split())
-    assert "| molecule-stack | 1,480 | 1.2 | in the background beside setup |" in readme
-    assert "| &nbsp;&nbsp;converge | 400 | | |" in readme
+    assert "| molecule-stack | 1,480 | 1.2 | 62% | in the background beside setup |" in readme
+    assert "| setup | 20 | 0.1 | - |  |" in readme  # a record from before CPU busy was kept
+    assert "| &nbsp;&nbsp;converge | 400 | | | |" in readme
     assert "cleanup" not in readme
     assert "no time" not in readme
     sources["stages"].write_text(json.dumps({**STAGES, "seconds": 2400}))

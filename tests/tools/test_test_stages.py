@@ -161,3 +161,27 @@ def test_a_check_whose_hosts_failed_only_cleans_up(driver, monkeypatch, capsys) 
     record = json.loads((driver.RESULTS / "stages.json").read_text())
     assert record["skipped"] == ["hosts-check"]
     assert out.splitlines()[-1] == "make test: 1 stage(s) failed: hosts-up"
+
+
+def test_each_stage_says_how_busy_the_cpus_were(driver, monkeypatch) -> None:
+    """A stage that keeps every CPU busy reads as busy (the whole machine's share, so a busy
+    machine cannot make it read idle); the share is busy over all jiffies between a stage's
+    start and end. The table then says which stages leave the CPU idle."""
+    py = sys.executable
+    spin = (
+        "import multiprocessing as m, time\n"
+        "def f(_):\n    t = time.monotonic()\n    while time.monotonic() - t < 1.5: pass\n"
+        "if __name__ == '__main__':\n    m.Pool(m.cpu_count()).map(f, range(m.cpu_count()))"
+    )
+    stages = dict(driver.STAGES)
+    stages["spin"] = ([[py, "-c", spin]], [])
+    stages["sleep"] = ([[py, "-c", "import time; time.sleep(1.5)"]], [])
+    monkeypatch.setattr(driver, "STAGES", stages)
+    assert driver.main(["--plan", "setup,spin,sleep"]) == 0
+    busy = {
+        s["name"]: s["cpu_busy"]
+        for s in json.loads((driver.RESULTS / "stages.json").read_text())["stages"]
+    }
+    assert 0.5 < busy["spin"] <= 1 and 0 <= busy["sleep"] <= 1, busy
+    assert driver._busy_share((100, 400), (250, 600)) == 0.75
+    assert driver._busy_share(None, (250, 600)) is None
