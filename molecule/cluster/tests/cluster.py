@@ -330,13 +330,14 @@ class Pending:
 @contextlib.contextmanager
 def frozen_vllm(cluster: Cluster, instances: Iterable[str] = GPU_HOSTS) -> Iterator[None]:
     """vLLM's engine of the default instance on each host stopped (SIGSTOP to every process
-    under the API server: the engine core and its worker): the API server takes requests
-    and /health answers, but no token comes, so a request the gateway admits holds its slot,
-    for certain, until the test lets the engine go on (SIGCONT, always) or the gateway's
-    first-byte timeout (30 s here) ends it. (Streams that the test left unread did not hold:
-    the hosts' TCP buffers took a whole 4.8 MB stream in a second. And a stopped API server
-    did not hold either: on SIGCONT it ran its keep-alive timers before reading what had
-    arrived, closing the connections the gateway had reused: 502s.)"""
+    under the API server: the engine core, whose worker runs in it, see inventories/local):
+    the API server takes requests and /health answers, but no token comes, so a request the
+    gateway admits holds its slot, for certain, until the test lets the engine go on
+    (SIGCONT, always) or the gateway's first-byte timeout (30 s here) ends it. (Streams that
+    the test left unread did not hold: the hosts' TCP buffers took a whole 4.8 MB stream in a
+    second. And a stopped API server did not hold either: on SIGCONT it ran its keep-alive
+    timers before reading what had arrived, closing the connections the gateway had reused:
+    502s.)"""
     hosts = list(instances)
     try:
         for h in hosts:

@@ -25,6 +25,24 @@ from cluster import (
 )
 
 _STARTS_CLEAN: list[bool] = []  # checked once per run, by the first test's cluster
+# The module whose tests change the hosts for good (rolls with other settings, the last one
+# failing): it runs last.
+LAST_MODULE = "test_updates"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "late: run after every other test but test_updates.py's (a wait on a clock, such as "
+        "a killed gateway's leases running out, overlaps the tests in between)",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``late`` move to just before test_updates.py's, in their order."""
+    late = [i for i in items if i.get_closest_marker("late")]
+    last = [i for i in items if i.module.__name__ == LAST_MODULE and i not in late]
+    items[:] = [i for i in items if i not in late and i not in last] + late + last
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +141,10 @@ def _key(name: str) -> str:
 @pytest.fixture(scope="session")
 def keys() -> dict[str, str]:
     """The test keys by user: user (no limit), limited (concurrency 3, QPS 5), quota100
-    (100 tokens in total), shared4 (concurrency 4)."""
-    return {u: _key(f"cluster-{u}-key") for u in ("user", "limited", "quota100", "shared4")}
+    (100 tokens in total), shared4 (concurrency 4), held (concurrency 3: the slots a killed
+    gateway held)."""
+    users = ("user", "limited", "quota100", "shared4", "held")
+    return {u: _key(f"cluster-{u}-key") for u in users}
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Limits and usage exact across two gateways sharing Redis: concurrency, QPS and a token
-quota hold whichever gateway a request goes through; a gateway killed under load gives its
-slots back and loses no completed request's usage; with Redis stopped, `closed` answers 503
-and `local` admits each gateway its share, and the usage recorded meanwhile reaches Redis.
+quota hold whichever gateway a request goes through; a gateway killed under load keeps its
+slots until their leases expire, then gives them back, and loses no completed request's
+usage; with Redis stopped, `closed` answers 503 and `local` admits each gateway its share,
+and the usage recorded meanwhile reaches Redis.
 
 Real requests from the controller to both gateways (the keys are the scenario's, see
 inventories/local-cluster); usage is read back through the admin API.
@@ -70,9 +71,23 @@ def _live_leases(cluster: Cluster, key_id: str) -> int:
     return int(cluster.redis("EVAL", script, "1", f"llmhost:conc:key:{key_id}").strip())
 
 
-def _key_id(cluster: Cluster, user: str) -> str:
-    """The key id of ``user``'s key, as the gateways log it."""
-    records = cluster.request_log(time.time() - 600, user)
+def _leases(cluster: Cluster, key_id: str) -> tuple[int, list[int]]:
+    """Redis' time and the expiry of each concurrency lease of a key, in milliseconds (the
+    set of leases expires with its last one)."""
+    script = (
+        "local t = redis.call('TIME'); "
+        "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000); "
+        "local out = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'); "
+        "table.insert(out, 1, tostring(now)); return out"
+    )
+    lines = cluster.redis("EVAL", script, "1", f"llmhost:conc:key:{key_id}").split()
+    return int(lines[0]), [int(float(score)) for score in lines[2::2]]
+
+
+def _key_id(cluster: Cluster, user: str, within: float = 600) -> str:
+    """The key id of ``user``'s key, as the gateways log it (a request of the last
+    ``within`` seconds)."""
+    records = cluster.request_log(time.time() - within, user)
     assert records, f"no request of {user} in the gateways' logs"
     return str(records[-1]["key_id"])
 
@@ -102,11 +117,73 @@ def _send(urls: list[str], key: str, n: int, max_tokens: int = 4) -> Pending:
     return Pending([lambda k=k: _post(urls[k % len(urls)], key, body) for k in range(n)])
 
 
+# What the killed gateway left in Redis, for the `late` test that waits for it to run out:
+# the key's id and its leases' expiry (Redis' clock, ms).
+_KILLED: dict[str, Any] = {}
+
+
 @pytest.fixture(scope="module")
 def limited_key_id(cluster: Cluster, keys) -> str:
     """The concurrency-3 key's id (its leases' name in Redis), from a request's log line."""
     assert _post(gateway_url(GATEWAYS[0]), keys["limited"], _long(1)).status_code == 200
     return _key_id(cluster, "limited")
+
+
+def test_a_gateway_killed_under_load_keeps_its_slots_and_loses_no_usage(
+    cluster: Cluster, keys, admin_key
+):
+    """vLLM frozen, three requests of the concurrency-3 key `held` through gw1, which is then
+    killed with SIGKILL: the slots it held stay taken, their three leases in Redis expiring
+    the request timeout + 60 s after they were taken (on Redis' clock), so gw2 admits none
+    of three more. Meanwhile steady traffic of another key through both gateways: every
+    request that completed is in the shared usage, and systemd brings gw1 back. That the
+    slots come back when the leases run out is the `late` test below: the tests in between
+    run while they do. (First in the module: the longer the leases run alongside other
+    tests, the shorter the wait at the end.)"""
+    gw1, gw2 = (gateway_url(gw) for gw in GATEWAYS)
+    assert _post(gw2, keys["held"], _long(1)).status_code == 200
+    key_id = _key_id(cluster, "held")
+    before = _usage(cluster, admin_key, "user")
+    completed: list[int] = []
+    done = threading.Event()
+
+    def steady() -> None:
+        k = 0
+        while not done.is_set():
+            try:
+                r = _post((gw1, gw2)[k % 2], keys["user"], _long(4), timeout=30)
+                if r.status_code == 200:
+                    completed.append(r.json()["usage"]["total_tokens"])
+            except httpx.HTTPError:
+                pass  # the killed gateway's requests: not completed, nothing to find
+            k += 1
+
+    runner = threading.Thread(target=steady, daemon=True)
+    runner.start()
+    try:
+        with frozen_vllm(cluster):
+            holders = _send([gw1], keys["held"], 3)
+            wait_until(lambda: _live_leases(cluster, key_id) == 3, 20, "3 leases", 0.5)
+            now, expiries = _leases(cluster, key_id)
+            ttl = cluster.lease_ttl()
+            # Taken in the last seconds, each for the request timeout + 60 s.
+            assert all(ttl - 20 <= (e - now) / 1000 <= ttl for e in expiries), (ttl, now, expiries)
+            cluster.run(GATEWAYS[0], "systemctl kill -s KILL llm-proxy")
+            _KILLED.update(key_id=key_id, expiries=expiries)
+            # The dead gateway's three leases stay, and gw2 counts them: it admits none.
+            assert _live_leases(cluster, key_id) == 3
+            more = _send([gw2], keys["held"], 3).all(20)
+            assert all(_refused_for_concurrency(r, 3) for r in more), _codes(more)
+        holders.all(30)  # cut by the kill
+        # Traffic through both gateways again, gw1's standby and then gw1 answering there.
+        count = len(completed)
+        wait_until(lambda: len(completed) >= count + 6, 60, "requests completed after the kill")
+    finally:
+        done.set()
+        runner.join(60)
+    wait_until(lambda: cluster.active(GATEWAYS[0], "llm-proxy"), 60, "gw1 restarted")
+    assert _live_leases(cluster, key_id) == 3
+    assert _usage(cluster, admin_key, "user") - before >= sum(completed)
 
 
 def test_concurrency_3_holds_across_both_gateways(cluster: Cluster, keys, limited_key_id):
@@ -194,62 +271,6 @@ def test_a_100_token_quota_ends_at_most_at_100_tokens(cluster: Cluster, keys, ad
     assert used <= 100, (used, codes)
 
 
-def test_a_gateway_killed_under_load_gives_back_its_slots_and_loses_no_usage(
-    cluster: Cluster, keys, admin_key, limited_key_id
-):
-    """vLLM frozen, three requests of the concurrency-3 key through gw1, which is then
-    killed with SIGKILL: the slots it held stay taken (their three leases in Redis), so gw2
-    admits none of three more, until the leases expire (the request timeout + 60 s: no
-    lease of the key left in Redis); then gw2 admits the key again. Meanwhile steady
-    traffic of another key through both gateways: every request that completed is in the
-    shared usage."""
-    gw1, gw2 = (gateway_url(gw) for gw in GATEWAYS)
-    before = _usage(cluster, admin_key, "user")
-    completed: list[int] = []
-    done = threading.Event()
-
-    def steady() -> None:
-        k = 0
-        while not done.is_set():
-            try:
-                r = _post((gw1, gw2)[k % 2], keys["user"], _long(4), timeout=30)
-                if r.status_code == 200:
-                    completed.append(r.json()["usage"]["total_tokens"])
-            except httpx.HTTPError:
-                pass  # the killed gateway's requests: not completed, nothing to find
-            k += 1
-
-    runner = threading.Thread(target=steady, daemon=True)
-    runner.start()
-    try:
-        time.sleep(1.1)
-        with frozen_vllm(cluster):
-            holders = _send([gw1], keys["limited"], 3)
-            wait_until(lambda: _live_leases(cluster, limited_key_id) == 3, 20, "3 leases", 0.5)
-            cluster.run(GATEWAYS[0], "systemctl kill -s KILL llm-proxy")
-            killed = time.monotonic()
-            # The dead gateway's three leases stay, and gw2 counts them: it admits none.
-            assert _live_leases(cluster, limited_key_id) == 3
-            more = _send([gw2], keys["limited"], 3).all(20)
-            assert all(_refused_for_concurrency(r, 3) for r in more), _codes(more)
-        holders.all(30)  # cut by the kill
-        # Until the leases expire (the request timeout + 60 s after they were taken).
-        ttl = cluster.lease_ttl()
-        wait_until(
-            lambda: _live_leases(cluster, limited_key_id) == 0, ttl + 15, "leases expired", 2
-        )
-        print(f"slots back {time.monotonic() - killed:.0f} s after the kill (lease {ttl} s)")
-        time.sleep(1.1)
-        r = _post(gw2, keys["limited"], _long(1))
-        assert r.status_code == 200, r.text
-    finally:
-        done.set()
-        runner.join(60)
-    wait_until(lambda: cluster.active(GATEWAYS[0], "llm-proxy"), 60, "gw1 restarted")
-    assert completed
-    assert _usage(cluster, admin_key, "user") - before >= sum(completed)
-
-
 def test_with_redis_stopped_closed_refuses_and_local_serves_its_share(
     cluster: Cluster, keys, admin_key, extra_gateway
 ):
@@ -305,3 +326,21 @@ def test_with_redis_stopped_closed_refuses_and_local_serves_its_share(
         interval=2,
     )
     assert _usage(cluster, admin_key, "shared4") - before == sum(served)
+
+
+@pytest.mark.late
+def test_a_killed_gateways_slots_come_back_when_their_leases_expire(cluster: Cluster, keys):
+    """The three leases gw1 held when it was killed (the first test of this module) run out
+    at their expiry on Redis' clock, and then gw2 admits the key `held` again. Marked `late`
+    (conftest.py): it runs after the other modules' tests (but the rolls), which ran while
+    the leases ran out (in a whole run, they are gone by then)."""
+    assert _KILLED, "no leases of a killed gateway: the test that kills it failed or did not run"
+    key_id, expiries = _KILLED["key_id"], _KILLED["expiries"]
+    now, _ = _leases(cluster, key_id)
+    left = max(0.0, (max(expiries) - now) / 1000)
+    print(f"the killed gateway's leases run out in {left:.0f} s")
+    # Redis' clock past the last expiry: no lease of the key is live, and gw2 admits it.
+    wait_until(lambda: _leases(cluster, key_id)[0] > max(expiries), left + 15, "expiry", 2)
+    assert _live_leases(cluster, key_id) == 0
+    r = _post(gateway_url(GATEWAYS[1]), keys["held"], _long(1))
+    assert r.status_code == 200, r.text

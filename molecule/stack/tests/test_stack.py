@@ -183,16 +183,6 @@ DEMO_KEYS = [
 ]
 
 
-def test_a_key_added_in_the_inventory_works_without_a_restart(stack):
-    new_key = "sk-added-by-the-stack-scenario-0123456789"
-    pid_before = _main_pid(stack)
-    run = _converge({"llm_proxy_api_keys": [*DEMO_KEYS, {"user": "added", "key": new_key}]})
-    assert run.returncode == 0, run.stdout[-3000:]
-    assert _main_pid(stack) == pid_before, "the gateway restarted for a key change"
-    result = _curl(stack, "http://127.0.0.1:8000/v1/models", f"Authorization: Bearer {new_key}")
-    assert result.stdout == "200"
-
-
 def test_a_bad_keys_file_is_refused_before_it_lands(stack, demo_key):
     before = stack.file("/etc/llm-proxy/keys.json").sha256sum
     pid_before = _main_pid(stack)
@@ -223,12 +213,22 @@ def _completion_codes(stack, demo_key, n):
     return codes
 
 
-def test_global_limits_change_in_place_other_settings_restart(stack, demo_key):
-    """llm_proxy_rate_limit reloads (same PID); a setting such as the body limit restarts."""
+def test_keys_and_global_limits_change_in_place_other_settings_restart(stack, demo_key):
+    """A key added in the inventory and llm_proxy_rate_limit reload (same PID): the new key
+    is served, the new limit refuses; a setting such as the body limit restarts. (One test,
+    so that one converge changes keys and limits.)"""
+    new_key = "sk-added-by-the-stack-scenario-0123456789"
     pid_before = _main_pid(stack)
-    run = _converge({"llm_proxy_rate_limit": {"qps": 1, "concurrent": 32}})
+    run = _converge(
+        {
+            "llm_proxy_api_keys": [*DEMO_KEYS, {"user": "added", "key": new_key}],
+            "llm_proxy_rate_limit": {"qps": 1, "concurrent": 32},
+        }
+    )
     assert run.returncode == 0, run.stdout[-3000:]
-    assert _main_pid(stack) == pid_before, "the gateway restarted for a limit change"
+    assert _main_pid(stack) == pid_before, "the gateway restarted for a key or limit change"
+    result = _curl(stack, "http://127.0.0.1:8000/v1/models", f"Authorization: Bearer {new_key}")
+    assert result.stdout == "200"
     assert "429" in _completion_codes(stack, demo_key, 3)
 
     run = _converge({"llm_proxy_max_body_bytes": 5 * 1024 * 1024})
