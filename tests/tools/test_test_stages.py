@@ -152,6 +152,16 @@ def test_a_background_stage_runs_niced_and_its_check_waits_for_it(driver, capsys
     assert stages["hosts-up"]["seconds"] >= 1
 
 
+def test_a_background_stage_is_named_beside_the_later_groups_it_ran_beside(driver) -> None:
+    """hosts-up (a second long) starts in a group of its own; lint, the next group, runs
+    while it does, and the table says so."""
+    assert driver.main(["--plan", "setup,&hosts-up,lint,hosts-check"]) == 0
+    record = json.loads((driver.RESULTS / "stages.json").read_text())
+    stages = {s["name"]: s for s in record["stages"]}
+    assert stages["lint"]["beside"] == ["hosts-up"], stages["lint"]
+    assert "beside" not in stages["hosts-check"]  # hosts-up had ended: its check waited
+
+
 def test_a_check_whose_hosts_failed_only_cleans_up(driver, monkeypatch, capsys) -> None:
     bad = ([[sys.executable, "-c", "raise SystemExit(3)"]], [])
     monkeypatch.setitem(driver.STAGES, "hosts-up", bad)
