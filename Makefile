@@ -32,7 +32,7 @@ help: ## Show the targets
 deps: ## Install the system packages the controller needs (root)
 	tools/install-deps
 
-$(VENV)/.installed: pyproject.toml | deps
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
@@ -43,11 +43,11 @@ venv: $(VENV)/.installed ## The controller's virtualenv: Ansible, Molecule, lint
 # One download of vLLM's CPU build and its dependencies, for the controller's
 # vLLM env and for the test hosts (mounted read-only, pip --no-index). With a pip of its
 # own (a bare venv), so that the download and the vLLM env after it do not wait for .venv:
-# `make -j2 setup` (as make test runs it) builds the two envs side by side, each install
-# keeping one core busy.
+# `make deps && make -j2 setup` (as make test runs it) builds the two envs side by side,
+# each install keeping one core busy.
 PIP_DOWNLOAD := $(CACHE)/pip-download
 
-$(PIP_DOWNLOAD)/bin/pip: | deps
+$(PIP_DOWNLOAD)/bin/pip:
 	$(PYTHON) -m venv $(PIP_DOWNLOAD)
 
 $(WHEELHOUSE)/.complete: | $(PIP_DOWNLOAD)/bin/pip

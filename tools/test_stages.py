@@ -76,8 +76,9 @@ def _check(scenario: str) -> list[Command]:
 
 # name -> (commands, commands run last whatever happened before).
 STAGES: dict[str, tuple[list[Command], list[Command]]] = {
-    # Side by side where make may (the gateway's venv beside the download and vLLM's env).
-    "setup": ([["make", "-j2", "--output-sync=target", "setup"]], []),
+    # The system packages first (python3-venv among them), then side by side where make may:
+    # the gateway's venv beside the download and vLLM's env.
+    "setup": ([["make", "deps"], ["make", "-j2", "--output-sync=target", "setup"]], []),
     "lint": ([["make", "lint"]], []),
     "test-tools": ([["make", "test-tools"]], []),
     "test-rules": ([["make", "test-rules"]], []),
