@@ -60,17 +60,6 @@ def _usage(cluster: Cluster, admin_key: str, user: str) -> int:
     return sum(k["total_usage"]["total_tokens"] for k in json.loads(out)["data"])
 
 
-def _live_leases(cluster: Cluster, key_id: str) -> int:
-    """Concurrency leases of a key in Redis that have not expired (on Redis' clock, as
-    the admission script counts them)."""
-    script = (
-        "local t = redis.call('TIME'); "
-        "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000); "
-        "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')"
-    )
-    return int(cluster.redis("EVAL", script, "1", f"llmhost:conc:key:{key_id}").strip())
-
-
 def _leases(cluster: Cluster, key_id: str) -> tuple[int, list[int]]:
     """Redis' time and the expiry of each concurrency lease of a key, in milliseconds (the
     set of leases expires with its last one)."""
@@ -82,6 +71,13 @@ def _leases(cluster: Cluster, key_id: str) -> tuple[int, list[int]]:
     )
     lines = cluster.redis("EVAL", script, "1", f"llmhost:conc:key:{key_id}").split()
     return int(lines[0]), [int(float(score)) for score in lines[2::2]]
+
+
+def _live_leases(cluster: Cluster, key_id: str) -> int:
+    """Concurrency leases of a key that have not expired on Redis' clock, as the admission
+    script counts them (expiry after now)."""
+    now, expiries = _leases(cluster, key_id)
+    return sum(e > now for e in expiries)
 
 
 def _key_id(cluster: Cluster, user: str, within: float = 600) -> str:
