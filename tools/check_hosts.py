@@ -3,7 +3,7 @@
 Runs the testinfra host checks of tests/hosts/ over an inventory, connecting
 the way the inventory says (SSH and become, the test hosts too), then
 prints a table per host. Nothing on the hosts is changed: the checks only
-read, and commands that would write are refused (see tests/hosts/conftest.py).
+read, and commands that would write are refused (see tests/hosts/hostcheck.py).
 Exit status: 0 when every check passed, 1 otherwise.
 """
 
@@ -94,7 +94,7 @@ def main() -> int:
     # Anything else goes to pytest as is (e.g. -k nginx, -x).
     args, pytest_args = parser.parse_known_args()
 
-    os.environ["LLMHOST_CHECK"] = "1"  # read-only mode of tests/hosts/conftest.py
+    os.environ["LLMHOST_CHECK"] = "1"  # read-only mode of tests/hosts/hostcheck.py
     table = HostTable(_host_groups(args.inventory))
     code = pytest.main(
         [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from conftest import (
+from hostcheck import (
     assert_unit_hardened,
     assert_unit_healthy,
     http,

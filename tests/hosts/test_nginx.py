@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from conftest import IN_MOLECULE, assert_unit_hardened, assert_unit_healthy, http, openai_error
+from hostcheck import IN_MOLECULE, assert_unit_hardened, assert_unit_healthy, http, openai_error
 
 testinfra_hosts = ["ansible://gpu"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import assert_unit_hardened
+from hostcheck import assert_unit_hardened
 
 testinfra_hosts = ["ansible://all"]
 

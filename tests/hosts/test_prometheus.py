@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import assert_unit_hardened, assert_unit_healthy
+from hostcheck import assert_unit_hardened, assert_unit_healthy
 
 testinfra_hosts = ["ansible://monitoring"]
 

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import IN_MOLECULE, assert_unit_hardened, assert_unit_healthy
+from hostcheck import IN_MOLECULE, assert_unit_hardened, assert_unit_healthy
 
 testinfra_hosts = ["ansible://gpu"]
 

@@ -1,4 +1,4 @@
-"""`make check`'s read-only guard (tests/hosts/conftest.py): every way the host checks
+"""`make check`'s read-only guard (tests/hosts/hostcheck.py): every way the host checks
 run a command goes through it, and a command that would write never reaches the host."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "hosts_conftest", Path(__file__).resolve().parents[2] / "tests" / "hosts" / "conftest.py"
+    "hostcheck", Path(__file__).resolve().parents[2] / "tests" / "hosts" / "hostcheck.py"
 )
-hosts_conftest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(hosts_conftest)
+hostcheck = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hostcheck)
 
 
 class FakeHost:
@@ -53,7 +53,7 @@ WRITES = [
 @pytest.mark.parametrize("method", ["run", "check_output", "run_expect", "run_test"])
 def test_a_writing_command_is_refused_whichever_way_it_is_run(method, command):
     fake = FakeHost()
-    guarded = hosts_conftest.ReadOnlyHost(fake)
+    guarded = hostcheck.ReadOnlyHost(fake)
     call = getattr(guarded, method)
     args = ([0], command) if method == "run_expect" else (command,)
     with pytest.raises(pytest.fail.Exception, match="refused in read-only mode"):
@@ -64,7 +64,7 @@ def test_a_writing_command_is_refused_whichever_way_it_is_run(method, command):
 @pytest.mark.parametrize("method", ["run", "check_output", "run_expect", "run_test"])
 def test_a_reading_command_runs(method):
     fake = FakeHost()
-    guarded = hosts_conftest.ReadOnlyHost(fake)
+    guarded = hostcheck.ReadOnlyHost(fake)
     args = ([0], "cat /etc/hostname") if method == "run_expect" else ("cat /etc/hostname",)
     getattr(guarded, method)(*args)
     assert fake.ran == ["cat /etc/hostname"]
@@ -72,9 +72,9 @@ def test_a_reading_command_runs(method):
 
 def test_a_command_given_a_secret_on_stdin_is_guarded_too():
     fake = FakeHost()
-    guarded = hosts_conftest.ReadOnlyHost(fake)
+    guarded = hostcheck.ReadOnlyHost(fake)
     with pytest.raises(pytest.fail.Exception, match="refused in read-only mode"):
-        hosts_conftest.run_with_stdin(guarded, ["rm", "-rf", "/etc"], "secret")
+        hostcheck.run_with_stdin(guarded, ["rm", "-rf", "/etc"], "secret")
     assert fake.ansible_calls == []
 
 
@@ -85,8 +85,8 @@ def test_a_secret_goes_on_stdin_as_a_template_never_into_the_command():
         fake.ansible_calls.append((module, args, kw))
         or {"rc": 0, "stdout": "{}", "stderr": status_line}
     )
-    hosts_conftest.http(
-        hosts_conftest.ReadOnlyHost(fake),
+    hostcheck.http(
+        hostcheck.ReadOnlyHost(fake),
         "GET",
         "http://127.0.0.1:8000/v1/models",
         secret_headers={"Authorization": "Bearer {{ llmhost_check_api_key }}"},

@@ -57,7 +57,7 @@ def test_stream_chunks_arrive_before_the_response_ends(host, base_url):
 
 
 def test_request_reaches_the_gateway_with_forwarding_headers(host, base_url):
-    from conftest import http
+    from hostcheck import http
 
     status, headers, body = http(
         host,
@@ -78,7 +78,7 @@ def test_request_reaches_the_gateway_with_forwarding_headers(host, base_url):
 
 
 def test_websocket_upgrade_headers_reach_the_gateway(host, base_url):
-    from conftest import http
+    from hostcheck import http
 
     status, _, body = http(
         host,
@@ -93,7 +93,7 @@ def test_websocket_upgrade_headers_reach_the_gateway(host, base_url):
 
 
 def test_request_id_is_generated_when_absent(host, base_url):
-    from conftest import http
+    from hostcheck import http
 
     status, headers, body = http(host, "GET", base_url + "/v1/echo")
     assert status == 200
@@ -114,7 +114,7 @@ def test_body_size_limit_is_enforced(host, base_url):
 
 @pytest.mark.parametrize("path", ["/metrics", "/admin/usage"])
 def test_restricted_paths_are_forwarded_from_loopback(host, base_url, path):
-    from conftest import http
+    from hostcheck import http
 
     status, _, body = http(host, "GET", base_url + path)
     assert status == 200
