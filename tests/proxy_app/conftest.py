@@ -54,10 +54,16 @@ _MARKED_FIXTURES = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test by what it starts, and runs the modules that never reach vLLM
+    first (each module's tests stay together and in order): vLLM loads for tens of
+    seconds, mostly on one core, while they run (``_vllm_processes`` starts it with the
+    session's first test)."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         for marker in sorted({m for f, m in _MARKED_FIXTURES.items() if f in names}):
             item.add_marker(marker)
+    with_vllm = {item.module for item in items if item.get_closest_marker("vllm")}
+    items.sort(key=lambda item: item.module in with_vllm)  # stable: the order otherwise kept
 
 
 @dataclass
@@ -68,12 +74,13 @@ class _Starting:
     what: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def _vllm_processes(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, _Starting]]:
-    """Both vLLM servers the session's tests need, started at once (each takes tens of
-    seconds to load, mostly on one core: side by side they load in about the time of one).
+    """Both vLLM servers the session's tests need, started with its first test and not
+    waited for here (each takes tens of seconds to load, mostly on one core: side by side
+    they load in about the time of one, and beside the tests that need neither).
 
     "tiny": the tiny model as "tiny" and "other". Two names of one model: a key limited to
     "tiny" is refused "other", which vLLM serves. A 2048-token context (the tiny model's own):
