@@ -104,16 +104,22 @@ def _vllm_processes(
         ),
         "vllm_scorer": ("scorer", "LLMHOST_TINY_SCORER", ".cache/tiny-scorer", ["scorer"], 512),
     }
-    started: dict[str, _Starting] = {}
+    started: dict[str, _Starting | pytest.fail.Exception] = {}
     try:
         for fixture in sorted(wanted):
             label, env, default, names, max_len = models[fixture]
             model = Path(os.environ.get(env, REPO / default))
-            started[fixture] = _start_vllm(tmp_path_factory, label, model, names, max_len)
+            try:
+                started[fixture] = _start_vllm(tmp_path_factory, label, model, names, max_len)
+            except pytest.fail.Exception as cannot:
+                # Fails the tests that need this vLLM (in _ready), not every test of the
+                # session: this fixture is autouse.
+                started[fixture] = cannot
         yield started
     finally:
         for s in started.values():
-            s.upstream.proc.stop(timeout=30)
+            if isinstance(s, _Starting):
+                s.upstream.proc.stop(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +139,9 @@ def vllm_scorer(_vllm_processes: dict[str, _Starting]) -> Upstream:
     return _ready(_vllm_processes["vllm_scorer"])
 
 
-def _ready(starting: _Starting) -> Upstream:
+def _ready(starting: _Starting | pytest.fail.Exception) -> Upstream:
+    if not isinstance(starting, _Starting):
+        pytest.fail(str(starting), pytrace=False)
     up = starting.upstream
     wait_http_ok(up.proc, f"http://127.0.0.1:{up.port}/health", 300, starting.what)
     return up
