@@ -1,10 +1,12 @@
 """Changes on the running stack host under load: an nginx reload, a key reload, a gateway
-restart, each while a client on the host sends 45 chat completions a second through nginx; a
+restart, each while a client on the host sends 25 chat completions a second through nginx; a
 key's concurrency limit across a gateway restart. (llmhost.target stopping and starting the
 whole stack is in test_monitoring.py: it brings back the vLLM that the alert test stops.)
 
-45 a second, not 50: the demo inventory's global limit is 50 requests a second, and a
-burst of a few requests in one second would be refused by it, as it should."""
+25 a second, half the demo inventory's global limit of 50 requests in any second (an exact
+moving window): a client or a gateway slowed by a busy machine sends or takes requests in
+bunches: at 45 a second, 0.12 s of bunching puts 51 in one second (a CI run saw 4 answered
+429 during a key reload, as the limit must). At 25 a second it takes a second's delay."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from load import LOAD, demo_key_text
 
 testinfra_hosts = ["ansible://llmhost-stack"]
 
-RATE = 45
+RATE = 25
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +75,8 @@ def test_a_gateway_restart_under_load_refuses_no_connection_and_drops_no_request
 
     Not 0 refusals: the requests that waited (about a second and a half of them: the old
     process's drain and the new one's start) reach the new process at once, and global
-    limits below that burst (the demo's 32 concurrent, 50 a second, at 45 requests a second)
-    answer the excess 429, as they must. Every failure must be such a 429; the count is
+    limits below that burst (the demo's 32 concurrent, 50 a second) may answer the excess
+    429, as they must. Every failure must be such a 429; the count is
     printed."""
     before = _main_pid(host, "llm-proxy")
     result = _under_load(host, admin_key, "systemctl", "restart", "llm-proxy")
