@@ -24,7 +24,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down demo-cluster demo-cluster-down test-cluster \
         lint test test-tools test-rules test-gateway test-proxy test-molecule molecule readme-figures \
         test-cuda-install \
-        check bench bench-ab bench-leaving clean
+        check bench bench-ab bench-leaving bench-cluster bench-routing clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -111,7 +111,7 @@ test-rules: deps ## Alert rules: promtool check and unit tests
 # A quick loop while working on the gateway: no vLLM, and the Redis tests skip (saying how to
 # install redis-server) where it is missing. test-proxy runs them all, and fails without it.
 test-gateway: venv ## The gateway's tests that need no root, Docker or vLLM: the fake upstream; under a minute
-	LLMHOST_REDIS_OPTIONAL=1 $(VENV)/bin/pytest tests/proxy_app -m "not vllm"
+	LLMHOST_REDIS_OPTIONAL=1 $(VENV)/bin/pytest tests/proxy_app -m "not vllm and not netns"
 
 test-proxy: setup ## The gateway's tests (real vLLM on the CPU, real Redis)
 	$(VENV)/bin/pytest tests/proxy_app
@@ -168,6 +168,18 @@ bench-ab: venv ## A/B: gateway vs its base revision, vs aiohttp's client, one vs
 	$(VENV)/bin/python bench/ab.py --base $(BASE) --record
 	$(VENV)/bin/python bench/ab.py --client --record
 	$(VENV)/bin/python bench/ab.py --routing 8 --record
+
+# On `make demo-cluster`'s hosts: vLLM's own client against each vLLM and each gateway host
+# (bench/cluster.json).
+bench-cluster: venv ## The cluster layout under vLLM's own benchmark client, on the demo cluster (not a test)
+	$(VENV)/bin/python bench/cluster.py --inventory $(CLUSTER_INVENTORY)
+	$(VENV)/bin/python tools/readme_figures.py
+
+# On `make demo-cluster`'s hosts: each routing policy's prefix-cache hit rate on two workloads
+# (bench/routing.json); it switches the gateways' policy and puts the inventory's back.
+bench-routing: venv ## Routing policies by vLLM's prefix-cache hits, on the demo cluster (not a test)
+	$(VENV)/bin/python bench/routing.py --inventory $(CLUSTER_INVENTORY)
+	$(VENV)/bin/python tools/readme_figures.py
 
 # On `make demo`'s host: how soon vLLM stops after a client leaves (bench/leaving.json).
 bench-leaving: venv ## How soon vLLM stops after a client leaves, on the demo host (not a test)

@@ -3,7 +3,7 @@
     python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
     python tools/readme_figures.py --check   fail when any of them differs (make lint)
 
-Seven blocks of README.md, each between its marker comments:
+Nine blocks of README.md, each between its marker comments:
 
 - ``bench``: the benchmark table and its sentences, from bench/results.json (written by
   bench/run.py);
@@ -16,6 +16,12 @@ Seven blocks of README.md, each between its marker comments:
   molecule/stack/tests/test_updates.py);
 - ``leaving``: how soon vLLM stopped after a client left, through nginx and the gateway,
   from bench/leaving.json (written by bench/leaving.py on `make demo`'s host);
+- ``cluster-bench``: the cluster layout measured with vLLM's own client, each vLLM directly
+  and each gateway host's nginx + gateway, from bench/cluster.json (written by
+  bench/cluster.py, `make bench-cluster`, on `make demo-cluster`'s hosts);
+- ``routing``: the routing policies' prefix-cache hit rates on two workloads, from
+  bench/routing.json (written by bench/routing.py, `make bench-routing`, on
+  `make demo-cluster`'s hosts);
 - ``testtime``: how long `make test` took, stage by stage, from tests/stages.json (written
   by tools/test_stages.py when every stage passed);
 - ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
@@ -241,6 +247,100 @@ def render_leaving(data: dict) -> str:
     return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n" + "\n".join(lines) + "\n"
 
 
+def render_cluster_bench(data: dict) -> str:
+    """The README's cluster benchmark table from bench/cluster.json (`make bench-cluster`)."""
+    run, w, s = data["run"], data["workload"], data["summary"]
+    lines = [
+        "| path | req/s | median TTFT | mean TTFT | p90 TTFT | median TPOT | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    paths = list(dict.fromkeys(r["path"] for r in data["runs"]))
+    for path in paths:
+        runs = [r for r in data["runs"] if r["path"] == path]
+
+        def cells(field: str, digits: int, runs: list = runs) -> str:
+            return " / ".join(f"{r[field]:.{digits}f}" for r in runs)
+
+        lines.append(
+            f"| {path} | {cells('request_throughput', 2)} | {cells('median_ttft_ms', 1)} ms "
+            f"| {cells('mean_ttft_ms', 1)} ms | {cells('p90_ttft_ms', 1)} ms "
+            f"| {cells('median_tpot_ms', 2)} ms | {sum(r['failed'] for r in runs)} |"
+        )
+    text = (
+        f"The cluster layout measured with vLLM's own client (`vllm bench serve` on "
+        f"{run['client_host']}: random {w['input_tokens']}-token prompts, "
+        f"{w['output_tokens']}-token answers, {w['prompts']} prompts at {w['request_rate']} "
+        f"requests a second, {w['max_concurrency']} at a time, streamed), each path "
+        f"{run['rounds']} times, interleaved, one figure per run (`make bench-cluster`, run "
+        f"{run['time_utc'][:10]} on {run['cpus']} CPUs shared by every host of the cluster, "
+        f"load average {run['load_average_start']:.1f} at the start; figures from "
+        f"`bench/cluster.json`):"
+    )
+    verdict = (
+        f"Median of the runs' median TTFT: {s['stack']['median_ttft_ms']:.1f} ms through "
+        f"the stack, {s['direct']['median_ttft_ms']:.1f} ms direct "
+        f"({s['median_ttft_ms_over_direct']:+.1f} ms; goal at most "
+        f"{data['goal']['median_ttft_ms_over_direct']:.0f} ms more); median TPOT "
+        f"{s['stack']['median_tpot_ms']:.2f} vs {s['direct']['median_tpot_ms']:.2f} ms; "
+        f"{s['stack']['failed'] + s['direct']['failed']} failed."
+    )
+    return (
+        textwrap.fill(text, WIDTH, break_on_hyphens=False)
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + textwrap.fill(verdict, WIDTH, break_on_hyphens=False)
+        + "\n"
+    )
+
+
+def render_routing(data: dict) -> str:
+    """The README's routing table from bench/routing.json (`make bench-routing`)."""
+    run, w, policies = data["run"], data["workloads"], data["policies"]
+    names = list(w)
+    lines = [
+        "| policy | " + " | ".join(f"{n}: hit rate | {n}: hosts' shares" for n in names) + " |",
+        "|---|" + "---|---|" * len(names),
+    ]
+    for policy, results in policies.items():
+        cells = []
+        for n in names:
+            r = results[n]
+            shares = " / ".join(f"{v:.0%}" for v in r["query_share"].values())
+            failed = f", {r['failed']} failed" if r["failed"] else ""
+            cells.append(f"{r['hit_rate']:.1%}{failed} | {shares}")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    docs, conv = w["documents"], w["conversations"]
+    kv = next(iter(policies.values()))[names[0]]["kv_tokens_per_host"]
+    tokens = next(iter(policies.values()))[names[0]]["mean_prompt_tokens"]
+    text = (
+        f"Routing policies by vLLM's own prefix-cache counters (prompt tokens found in the "
+        f"cache over prompt tokens asked, both gpu hosts; `make bench-routing` on "
+        f"`make demo-cluster`, run {run['time_utc'][:10]} on {run['cpus']} CPUs, requests "
+        f"alternating between the gateways, {run['concurrency']} at a time; figures from "
+        f"`bench/routing.json`). `documents`: {docs['documents']} documents of about "
+        f"{tokens} tokens, {docs['questions_each']} questions each, every question a new "
+        f"conversation, shuffled; `conversations`: {conv['conversations']} conversations of "
+        f"{conv['turns']} turns, interleaved. Each gpu host's KV cache holds "
+        f"{min(kv.values()):,} tokens: less than either workload's text, so a policy that "
+        f"sends the same text to both hosts makes them evict each other's."
+    )
+    ratios = data["prefix_over_round_robin"]
+    verdict = (
+        "prefix over round_robin in hit rate: "
+        + ", ".join(f"{n} {ratios[n]:.1f}x" for n in names)
+        + f" (goal at least {data['goal']['prefix_over_round_robin']}x)."
+    )
+    return (
+        textwrap.fill(text, WIDTH, break_on_hyphens=False)
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + textwrap.fill(verdict[0].upper() + verdict[1:], WIDTH, break_on_hyphens=False)
+        + "\n"
+    )
+
+
 def render_testtime(data: dict) -> str:
     """The README's test-time table from tests/stages.json (steps under a second left out)."""
     run = data["run"]
@@ -359,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap", type=Path, default=REPO / "molecule" / "stack" / "gap.json")
     parser.add_argument("--leaving", type=Path, default=REPO / "bench" / "leaving.json")
     parser.add_argument("--stages", type=Path, default=REPO / "tests" / "stages.json")
+    parser.add_argument("--cluster", type=Path, default=REPO / "bench" / "cluster.json")
+    parser.add_argument("--routing", type=Path, default=REPO / "bench" / "routing.json")
     parser.add_argument(
         "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
     )
@@ -379,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         wanted = replace_block(
             wanted, "testtime", render_testtime(json.loads(args.stages.read_text()))
         )
+        wanted = replace_block(
+            wanted, "cluster-bench", render_cluster_bench(json.loads(args.cluster.read_text()))
+        )
+        wanted = replace_block(
+            wanted, "routing", render_routing(json.loads(args.routing.read_text()))
+        )
         results_md = _bench_module(args.bench).render_results(data)
     except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)
@@ -396,9 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{path} differs from what tools/readme_figures.py renders from {args.results.name}, "
             f"{args.rules.name}, {args.rerun.name}, {args.roll.name}, {args.gap.name}, "
-            f"{args.leaving.name} and {args.stages.name}: do not "
+            f"{args.leaving.name}, {args.stages.name}, {args.cluster.name} and "
+            f"{args.routing.name}: do not "
             "edit it by hand; "
-            "run `python tools/readme_figures.py` (after `make bench`, a run of the stack or "
+            "run `python tools/readme_figures.py` (after `make bench`, `make bench-cluster`, "
+            "`make bench-routing`, "
+            "a run of the stack or "
             "cluster scenario, or "
             "after changing the rules or the wording in tools/readme_figures.py)",
             file=sys.stderr,

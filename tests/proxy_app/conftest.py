@@ -14,7 +14,9 @@ What the tests need on the machine:
 Tests that use the ``vllm`` fixture are marked ``vllm``, those that need redis-server
 ``redis``: ``pytest tests/proxy_app -m "not vllm"`` runs the ones against the fake upstream.
 
-Everything listens on 127.0.0.1 only.
+Everything listens on 127.0.0.1 only, except in test_network_hop.py: there the gateway and a
+stand-in upstream listen on the two ends of a veth pair into a network namespace of this
+machine (private addresses, created and removed by the test; root only, marked ``netns``).
 """
 
 from __future__ import annotations

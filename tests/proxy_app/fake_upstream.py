@@ -7,6 +7,7 @@ behaviour:
 
   fake            normal answer; usage prompt=7, completion=5 (streamed: 5 chunks)
   fake-slow       streamed: 200 chunks, one every 50 ms (for client disconnects)
+  fake-tick       streamed: 100 chunks, one every 2 ms, each its own write (token pace)
   fake-drop       streamed: 3 chunks, then the connection is cut (not streamed: half a body)
   fake-stall      streamed: 2 chunks, then silence
   fake-500        500 with a plain-text body
@@ -21,7 +22,7 @@ Every model answers after ``fake_delay`` seconds (a request field, default 0).
 GET /_stats (straight to this server, not through the gateway) returns counters and the
 last request body received, so tests can see what the gateway sent and whether it hung up.
 
-Run: python fake_upstream.py PORT
+Run: python fake_upstream.py PORT [ADDRESS]   (ADDRESS: where it listens, 127.0.0.1 by default)
 """
 
 from __future__ import annotations
@@ -184,9 +185,12 @@ async def app(scope, receive, send) -> None:
         gone.set()
 
     watcher = asyncio.ensure_future(watch())
-    n, delay = {"fake-slow": (200, 0.05), "fake-drop": (3, 0.0), "fake-stall": (2, 0.0)}.get(
-        model, (5, 0.0)
-    )
+    n, delay = {
+        "fake-slow": (200, 0.05),
+        "fake-tick": (100, 0.002),
+        "fake-drop": (3, 0.0),
+        "fake-stall": (2, 0.0),
+    }.get(model, (5, 0.0))
     try:
         for i in range(n):
             if gone.is_set():
@@ -225,7 +229,7 @@ async def app(scope, receive, send) -> None:
 if __name__ == "__main__":
     uvicorn.run(
         app,
-        host="127.0.0.1",
+        host=sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1",
         port=int(sys.argv[1]),
         log_level="warning",
         loop="uvloop",

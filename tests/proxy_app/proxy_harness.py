@@ -200,7 +200,7 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.config.get('fastapi_host', '127.0.0.1')}:{self.port}"
 
     @property
     def config_path(self) -> Path:

@@ -120,6 +120,30 @@ def test_a_chat_prompt_start_is_its_system_prompt_and_first_user_message():
     assert prompt_start({"messages": parts}, 2048) == "look"
 
 
+def test_questions_about_one_document_share_its_key_each_in_a_conversation_of_its_own():
+    doc = "Document. " + "words of the document " * 30  # ~670 characters
+    other = "Another document. " + "other words " * 50
+
+    def ask(document: str, question: str, api: str) -> str:
+        text = f"{document}\n\nQuestion: {question}?"
+        if api == "chat":
+            fields = {"messages": [{"role": "system", "content": "Answer."},
+                                   {"role": "user", "content": text}]}  # fmt: skip
+        else:
+            fields = {"prompt": text}
+        return prompt_start(fields, 2048)
+
+    for api in ("chat", "completions"):
+        assert ask(doc, "who", api) == ask(doc, "when", api)
+        assert ask(doc, "who", api) != ask(other, "who", api)
+        assert "Question" not in ask(doc, "who", api)
+    # A short instruction before the blank line is not a document: the whole message decides.
+    short = [{"role": "user", "content": "Summarize this:\n\n" + doc}]
+    assert prompt_start({"messages": short}, 2048) == "Summarize this:\n\n" + doc
+    # A message of one paragraph stays whole, whatever its length.
+    assert prompt_start({"prompt": doc + " Question: who?"}, 2048) == doc + " Question: who?"
+
+
 def test_a_completion_prompt_start_is_its_first_characters():
     assert prompt_start({"prompt": "abcdef"}, 3) == "abc"
     assert prompt_start({"prompt": ["xyz", "other"]}, 10) == "xyz"
@@ -184,6 +208,18 @@ def test_bounded_load_spills_a_hot_prefix_to_the_next_backend():
     text = router.metrics.render().decode()
     assert 'gateway_routing_decisions_total{decision="spilled",model="m"} 2.0' in text
     assert 'gateway_routing_decisions_total{decision="affinity",model="m"} 3.0' in text
+
+
+def test_bounded_load_keeps_a_prefix_home_at_a_request_or_two_in_flight():
+    router = _router(n=2, epsilon=0.2)
+    home = router.choose("m", "doc")
+    other = next(b for b in router.backends if b is not home)
+    # 1 and 0 in flight: mean with this request 1, floor(1.2) = 1, but a backend takes 2.
+    home.in_flight, other.in_flight = 1, 0
+    assert router.choose("m", "doc") is home
+    # 2 and 0: mean 1.5, capacity 2: the third spills.
+    home.in_flight = 2
+    assert router.choose("m", "doc") is other
 
 
 def test_least_outstanding_takes_the_least_busy_and_round_robin_takes_turns():

@@ -120,6 +120,84 @@ STAGES = {
     ],
     "skipped": [],
 }
+
+
+def _bench_run(path: str, kind: str, round_: int, ttft: float, tpot: float) -> dict:
+    return {
+        "path": path,
+        "kind": kind,
+        "round": round_,
+        "completed": 150,
+        "failed": 0,
+        "request_throughput": 11.95,
+        "median_ttft_ms": ttft,
+        "mean_ttft_ms": ttft + 1,
+        "p90_ttft_ms": ttft + 5,
+        "median_tpot_ms": tpot,
+    }
+
+
+CLUSTER = {
+    "goal": {"median_ttft_ms_over_direct": 2.0, "median_tpot": "equal within noise", "failed": 0},
+    "run": {
+        "time_utc": "2030-01-02T03:04:05+00:00",
+        "cpus": 4,
+        "client_host": "gpu1",
+        "load_average_start": 0.75,
+        "rounds": 2,
+    },
+    "workload": {
+        "dataset": "random",
+        "input_tokens": 64,
+        "output_tokens": 16,
+        "prompts": 150,
+        "request_rate": 12,
+        "max_concurrency": 4,
+    },
+    "summary": {
+        "direct": {"median_ttft_ms": 10.25, "median_tpot_ms": 1.9, "failed": 0},
+        "stack": {"median_ttft_ms": 11.5, "median_tpot_ms": 1.95, "failed": 0},
+        "median_ttft_ms_over_direct": 1.25,
+    },
+    "runs": [
+        _bench_run("vLLM directly on gpu1", "direct", 1, 10.0, 1.9),
+        _bench_run("nginx + gateway on gw1", "stack", 1, 11.5, 1.95),
+        _bench_run("vLLM directly on gpu1", "direct", 2, 10.5, 1.85),
+        _bench_run("nginx + gateway on gw1", "stack", 2, 11.25, 2.0),
+    ],
+}
+
+
+def _routing(hits: float, shares: tuple[float, float]) -> dict:
+    return {
+        "requests": 300,
+        "failed": 0,
+        "mean_prompt_tokens": 712,
+        "hit_rate": hits,
+        "query_share": {"gpu1": shares[0], "gpu2": shares[1]},
+        "kv_tokens_per_host": {"gpu1": 16384, "gpu2": 16384},
+    }
+
+
+ROUTING = {
+    "goal": {"prefix_over_round_robin": 1.5},
+    "run": {"time_utc": "2030-01-02T03:04:05+00:00", "cpus": 4, "concurrency": 4},
+    "workloads": {
+        "documents": {"documents": 30, "questions_each": 10},
+        "conversations": {"conversations": 30, "turns": 4},
+    },
+    "policies": {
+        "prefix": {
+            "documents": _routing(0.8, (0.5, 0.5)),
+            "conversations": _routing(0.7, (0.45, 0.55)),
+        },
+        "round_robin": {
+            "documents": _routing(0.4, (0.5, 0.5)),
+            "conversations": _routing(0.35, (0.5, 0.5)),
+        },
+    },
+    "prefix_over_round_robin": {"documents": 2.0, "conversations": 2.0},
+}
 README = """# project
 
 Prose before.
@@ -153,6 +231,12 @@ vLLM never stops.
 <!-- testtime:begin: generated -->
 Tests take no time.
 <!-- testtime:end -->
+<!-- cluster-bench:begin: generated -->
+The cluster is fast.
+<!-- cluster-bench:end -->
+<!-- routing:begin: generated -->
+Routing is perfect.
+<!-- routing:end -->
 """
 
 
@@ -168,6 +252,8 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "gap": tmp_path / "gap.json",
         "leaving": tmp_path / "leaving.json",
         "stages": tmp_path / "stages.json",
+        "cluster": tmp_path / "cluster.json",
+        "routing": tmp_path / "routing.json",
     }
     paths["readme"].write_text(README)
     paths["results"].write_text(json.dumps(RESULTS))
@@ -176,6 +262,8 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     paths["gap"].write_text(json.dumps(GAP))
     paths["leaving"].write_text(json.dumps(LEAVING))
     paths["stages"].write_text(json.dumps(STAGES))
+    paths["cluster"].write_text(json.dumps(CLUSTER))
+    paths["routing"].write_text(json.dumps(ROUTING))
     paths["rules"].write_text(RULES.read_text())
     return paths
 
@@ -322,3 +410,39 @@ def test_the_test_time_comes_from_stages_json(sources):
     check = tool(sources, "--check")
     assert check.returncode == 1
     assert "stages.json" in check.stderr
+
+
+def test_the_cluster_benchmark_comes_from_cluster_json(sources):
+    assert tool(sources).returncode == 0
+    readme = sources["readme"].read_text()
+    assert (
+        "| vLLM directly on gpu1 | 11.95 / 11.95 | 10.0 / 10.5 ms | 11.0 / 11.5 ms "
+        "| 15.0 / 15.5 ms | 1.90 / 1.85 ms | 0 |" in readme
+    )
+    assert "| nginx + gateway on gw1 | 11.95 / 11.95 | 11.5 / 11.2 ms |" in readme
+    flat = " ".join(readme.split())
+    assert "11.5 ms through the stack, 10.2 ms direct (+1.2 ms; goal at most 2 ms more)" in flat
+    assert "random 64-token prompts, 16-token answers, 150 prompts at 12 requests" in flat
+    assert "is fast" not in readme
+    runs = [{**r, "failed": 3} if r["kind"] == "stack" else r for r in CLUSTER["runs"]]
+    sources["cluster"].write_text(json.dumps({**CLUSTER, "runs": runs}))
+    check = tool(sources, "--check")
+    assert check.returncode == 1
+    assert "cluster.json" in check.stderr
+
+
+def test_the_routing_table_comes_from_routing_json(sources):
+    assert tool(sources).returncode == 0
+    readme = sources["readme"].read_text()
+    assert "| prefix | 80.0% | 50% / 50% | 70.0% | 45% / 55% |" in readme
+    assert "| round_robin | 40.0% | 50% / 50% | 35.0% | 50% / 50% |" in readme
+    flat = " ".join(readme.split())
+    assert "documents 2.0x, conversations 2.0x (goal at least 1.5x)" in flat
+    assert "30 documents of about 712 tokens, 10 questions each" in flat
+    assert "holds 16,384 tokens" in flat
+    assert "is perfect" not in readme
+    worse = {**ROUTING, "prefix_over_round_robin": {"documents": 1.1, "conversations": 2.0}}
+    sources["routing"].write_text(json.dumps(worse))
+    check = tool(sources, "--check")
+    assert check.returncode == 1
+    assert "routing.json" in check.stderr

@@ -87,7 +87,7 @@ def test_an_unknown_model_is_404_model_not_found(user_key):
 # theirs): 40 conversations of 3 turns, each with its own system prompt of about 960
 # characters (hundreds of tokens of the tiny tokenizer), distinct prefixes that together do
 # not fit one host's KV cache (16 MiB, 16,384 tokens of the tiny model: 2 layers x K and V
-# x 2 KV heads x 32 dims x 4 bytes = 1 KiB a token; molecule/cluster/host_vars) while each
+# x 2 KV heads x 32 dims x 4 bytes = 1 KiB a token; inventories/local-cluster) while each
 # host's share does. Round robin sends a conversation's turns to either host, so each host
 # sees every prefix and its LRU cache drops a conversation before it comes back there;
 # prefix routing keeps each conversation on one host, whose cache holds its share. Turns go
