@@ -276,11 +276,13 @@ def render_cluster_bench(data: dict) -> str:
         f"load average {run['load_average_start']:.1f} at the start; figures from "
         f"`bench/cluster.json`):"
     )
+    goal = data["goal"]["median_ttft_ms_over_direct"]
+    met = "met" if s["median_ttft_ms_over_direct"] <= goal else "not met"
     verdict = (
-        f"Median of the runs' median TTFT: {s['stack']['median_ttft_ms']:.1f} ms through "
-        f"the stack, {s['direct']['median_ttft_ms']:.1f} ms direct "
-        f"({s['median_ttft_ms_over_direct']:+.1f} ms; goal at most "
-        f"{data['goal']['median_ttft_ms_over_direct']:.0f} ms more); median TPOT "
+        f"Median of the runs' median TTFT: {s['stack']['median_ttft_ms']:.2f} ms through "
+        f"the stack, {s['direct']['median_ttft_ms']:.2f} ms direct "
+        f"({s['median_ttft_ms_over_direct']:+.2f} ms; the goal, at most {goal:g} ms more, "
+        f"{met}); median TPOT "
         f"{s['stack']['median_tpot_ms']:.2f} vs {s['direct']['median_tpot_ms']:.2f} ms; "
         f"{s['stack']['failed'] + s['direct']['failed']} failed."
     )
@@ -326,10 +328,12 @@ def render_routing(data: dict) -> str:
         f"sends the same text to both hosts makes them evict each other's."
     )
     ratios = data["prefix_over_round_robin"]
+    goal = data["goal"]["prefix_over_round_robin"]
+    met = "met" if all(ratios[n] is not None and ratios[n] >= goal for n in names) else "not met"
     verdict = (
         "prefix over round_robin in hit rate: "
-        + ", ".join(f"{n} {ratios[n]:.1f}x" for n in names)
-        + f" (goal at least {data['goal']['prefix_over_round_robin']}x)."
+        + ", ".join(f"{n} {ratios[n]:.2f}x" for n in names)
+        + f" (the goal, at least {goal}x on each, {met})."
     )
     return (
         textwrap.fill(text, WIDTH, break_on_hyphens=False)
