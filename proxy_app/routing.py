@@ -174,11 +174,10 @@ def prompt_start(fields: dict[str, Any], chars: int) -> str:
 
 
 # In flight on one backend (as this gateway counts) that bounded load never calls too many.
-# At 1 and 0 in flight the bound alone (capacity 1) spilled the next request of a busy
-# prefix to the other backend: at a few requests per gateway, most of a workload's repeats
-# went where their prefix was not cached (measured with `make bench-routing`: questions about
-# shared documents through 2 gateways, 4 at a time, hit vLLM's prefix cache no more often
-# than under round robin).
+# By the bound alone, at 1 and 0 in flight the capacity is floor(1.2 x 1) = 1: the next
+# request of the same prefix went to the other backend, without its cache, whenever the one
+# before was still running; a backend serving two requests is not a hot spot. (Not seen in
+# `make bench-routing`'s figures: its requests rarely overlapped on one gateway.)
 MIN_CAPACITY = 2
 
 
