@@ -129,8 +129,9 @@ molecule: setup ## One Molecule scenario: make molecule SCENARIO=nginx|stack|clu
 readme-figures: venv ## Render the README's generated figures from their results files
 	$(VENV)/bin/python tools/readme_figures.py
 
-# Part of make test (about 35 minutes): several hosts as one endpoint; this runs it alone.
-test-cluster: setup ## The cluster scenario alone: 2 gpu hosts, 2 gateways, Redis (~35 min)
+# Part of make test: several hosts as one endpoint; this runs it alone (its steps' times: the
+# README's test-time table, cluster-up and cluster-check).
+test-cluster: setup ## The cluster scenario alone: 2 gpu hosts, 2 gateways, Redis
 	molecule test -s cluster
 
 # Opt-in, not part of `make test` (about 9 minutes and a 4 GB download): the CUDA build of
