@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from demo_hosts import REPO, address, groups, secret, this_run
+
 CLIENT = REPO / "bench" / "cluster_client.py"
-DEMO = REPO / ".cache" / "demo"
 VLLM_PYTHON = "/opt/vllm/venv/bin/python"
 GOAL_TTFT_MS = 2.0
 # The workload of issue 22's measurement.
@@ -43,29 +41,6 @@ WORKLOAD = {
     "request_rate": 12,
     "max_concurrency": 4,
 }
-
-
-def groups(inventory: str) -> dict[str, list[str]]:
-    out = subprocess.run(
-        ["ansible-inventory", "-i", inventory, "--list"], check=True, capture_output=True, text=True
-    ).stdout
-    return {name: group.get("hosts", []) for name, group in json.loads(out).items()}
-
-
-def address(host: str) -> str:
-    """The test host's address on the demo network (where vLLM and nginx listen)."""
-    fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
-    out = subprocess.run(["docker", "inspect", "-f", fmt, host], capture_output=True, text=True)
-    if out.returncode != 0 or not out.stdout.split():
-        sys.exit(f"{host} has no address: is the demo cluster up? (make demo-cluster)")
-    return out.stdout.split()[0]
-
-
-def secret(name: str) -> str:
-    path = DEMO / name
-    if not path.exists():
-        sys.exit(f"no {path}: the demo cluster's converge writes it (make demo-cluster)")
-    return path.read_text().split()[0]
 
 
 def tokenizer(client_host: str, url: str, key: str, model: str) -> str:
@@ -185,12 +160,7 @@ def main() -> int:
             "failed": 0,
         },
         "run": {
-            "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-            "commit": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-            ).stdout.strip(),
+            **this_run(),
             "inventory": args.inventory,
             "client_host": client,
             "load_average_start": load_start,

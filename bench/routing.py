@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import subprocess
@@ -40,15 +39,11 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from demo_hosts import REPO, address, groups, read_on, secret, this_run
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import address, groups, secret
-
-REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("prefix", "least_outstanding", "round_robin")
 GOAL_RATIO = 1.5
 DOCUMENTS, QUESTIONS = 40, 10
@@ -122,12 +117,7 @@ def prefix_cache(hosts: list[str], port: int) -> dict[str, dict[str, float]]:
     """Each gpu host's vLLM counters (read on the host: vLLM admits only known peers)."""
     out = {}
     for h in hosts:
-        metrics = subprocess.run(
-            ["docker", "exec", h, "curl", "-sf", f"http://{address(h)}:{port}/metrics"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        metrics = read_on(h, f"http://{address(h)}:{port}/metrics")
         values = {}
         for name in ("prefix_cache_queries", "prefix_cache_hits", "prompt_tokens"):
             found = re.findall(rf"^vllm:{name}_total{{[^}}]*}} ([0-9.e+]+)$", metrics, re.M)
@@ -144,12 +134,7 @@ def decisions(gateway_hosts: list[str], port: int, model: str) -> dict[str, floa
     is, or spilled by bounded load."""
     out = {"affinity": 0.0, "spilled": 0.0}
     for h in gateway_hosts:
-        metrics = subprocess.run(
-            ["docker", "exec", h, "curl", "-sf", f"http://127.0.0.1:{port}/metrics"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        metrics = read_on(h, f"http://127.0.0.1:{port}/metrics")
         for decision in out:
             series = f'gateway_routing_decisions_total{{decision="{decision}",model="{model}"}}'
             found = re.search(rf"^{re.escape(series)} (\S+)$", metrics, re.M)
@@ -262,12 +247,7 @@ def main() -> int:
     result = {
         "goal": {"prefix_over_round_robin": GOAL_RATIO},
         "run": {
-            "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-            "commit": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-            ).stdout.strip(),
+            **this_run(),
             "inventory": args.inventory,
             "gateways": gateway_hosts,
             "load_average_start": load_start,
