@@ -62,11 +62,19 @@ CASES = {
     ),
     "key-short": (
         {"llm_proxy_api_keys": [{"user": "alice", "key": "sk-abcdefghijklmnop"}]},
-        "llm_proxy_api_keys[0] (user alice).key has 16 characters, fewer than 32",
+        "llm_proxy_api_keys[0] (user alice).key has about 10 bits of randomness, fewer than 128",
     ),
     "key-not-random": (
         {"llm_proxy_api_keys": [{"user": "alice", "key": "sk-" + "ab" * 20}]},
-        "llm_proxy_api_keys[0] (user alice).key is not random",
+        "llm_proxy_api_keys[0] (user alice).key has about 26 bits of randomness, fewer than 128",
+    ),
+    "key-of-words": (
+        {
+            "llm_proxy_api_keys": [
+                {"user": "alice", "key": "sk-added-by-the-stack-scenario-0123456789"}
+            ]
+        },
+        "llm_proxy_api_keys[0] (user alice).key has about 87 bits of randomness, fewer than 128",
     ),
     "hash-of-foo": (
         {"llm_proxy_api_keys": [{"user": "bob", "key_sha256": _sha("foo")}]},
@@ -92,7 +100,11 @@ CASES = {
         {"vllm_api_key": "change-me-long-random-string"},
         "vllm_api_key is a placeholder",
     ),
-    "vllm-key-short": ({"vllm_api_key": "k3y-Sh0rt"}, "vllm_api_key has 9 characters"),
+    "vllm-key-short": ({"vllm_api_key": "k3y-Sh0rt"}, "vllm_api_key has about 59 bits"),
+    "vllm-key-of-words": (
+        {"vllm_api_key": "correct-horse-battery-staple-for-vllm"},
+        "vllm_api_key has about 113 bits of randomness, fewer than 128",
+    ),
     "vllm-device-choice": ({"vllm_device": "gpu"}, "vllm_device must be one of: cuda, cpu"),
     "grafana-default": ({"grafana_admin_password": "admin"}, "Grafana's default (admin)"),
     "redis-placeholder": (
@@ -101,7 +113,11 @@ CASES = {
     ),
     "redis-short": (
         {"redis_password": "k3y-Sh0rt"},
-        "redis_password has 9 characters, fewer than 32",
+        "redis_password has about 59 bits of randomness, fewer than 128",
+    ),
+    "redis-repeated": (
+        {"redis_password": "Password123" * 4},
+        "redis_password has about 32 bits of randomness, fewer than 128",
     ),
     "grafana-placeholder": (
         {"grafana_admin_password": "change-me-grafana"},
@@ -185,7 +201,15 @@ def test_each_weak_or_wrong_input_is_refused_naming_it(refusals, case):
 
 def test_no_refusal_shows_the_secret(refusals):
     for case, messages in refusals.items():
-        for secret in ("sk-change-me-alice", "abababab", "k3y-Sh0rt", "change-me-grafana"):
+        for secret in (
+            "sk-change-me-alice",
+            "abababab",
+            "k3y-Sh0rt",
+            "change-me-grafana",
+            "stack-scenario",
+            "horse-battery",
+            "Password123",
+        ):
             assert secret not in " ".join(messages), case
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import tempfile
 import textwrap
@@ -217,7 +218,7 @@ def test_keys_and_global_limits_change_in_place_other_settings_restart(stack, de
     """A key added in the inventory and llm_proxy_rate_limit reload (same PID): the new key
     is served, the new limit refuses; a setting such as the body limit restarts. (One test,
     so that one converge changes keys and limits.)"""
-    new_key = "sk-added-by-the-stack-scenario-0123456789"
+    new_key = "sk-" + secrets.token_urlsafe(36)  # as `llm-proxy new-key` makes them
     pid_before = _main_pid(stack)
     run = _converge(
         {

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
+from pathlib import Path
 from typing import Any
 
-# A key must carry at least this many characters after its `sk-` prefix, with at
-# least MIN_DISTINCT different ones (a random key of 32 characters has about 25
-# from the alphanumerics and about 14 from hex digits; "sk-000..." has 1).
-MIN_KEY_CHARS = 32
-MIN_DISTINCT = 10
-PLACEHOLDER = "change-me"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+PLACEHOLDER = "change-me"
+
+
+def _load_secret_rule() -> Any:
+    """The bundle's one secret rule, kept by the common role (roles/common/filter_plugins)."""
+    path = Path(__file__).resolve().parents[2] / "common" / "filter_plugins" / "secret_rule.py"
+    spec = importlib.util.spec_from_file_location("llmhost_secret_rule", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+secret_problems = _load_secret_rule().secret_problems
 
 
 def hash_api_keys(keys: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -31,19 +41,6 @@ def hash_api_keys(keys: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     return {"keys": out}
 
 
-def weak_secret(value: str, name: str, min_chars: int = MIN_KEY_CHARS) -> list[str]:
-    """Say why a secret is a placeholder or guessable (empty list: it is fine), naming it only."""
-    value = str(value)
-    if PLACEHOLDER in value.lower():
-        return [f"{name} is a placeholder (it contains {PLACEHOLDER}): set a real one (vault)."]
-    body = value.removeprefix("sk-")
-    if len(body) < min_chars:
-        return [f"{name} has {len(body)} characters, fewer than {min_chars} random ones."]
-    if len(set(body)) < MIN_DISTINCT:
-        return [f"{name} is not random ({len(set(body))} different characters)."]
-    return []
-
-
 def key_problems(keys: list[dict[str, Any]], refused_sha256: list[str]) -> list[str]:
     """Say which API keys are placeholders, weak, or keys published as examples (never the key)."""
     refused = {h.lower() for h in refused_sha256}
@@ -52,7 +49,7 @@ def key_problems(keys: list[dict[str, Any]], refused_sha256: list[str]) -> list[
         name = f"llm_proxy_api_keys[{index}] (user {entry.get('user', '?')})"
         if "key" in entry:
             key = str(entry["key"])
-            found = weak_secret(key, f"{name}.key")
+            found = secret_problems(key, f"{name}.key")
             if not found and hashlib.sha256(key.encode()).hexdigest() in refused:
                 found = [f"{name}.key is an example key published with llmhost: make a new one."]
             problems += found
@@ -78,5 +75,4 @@ class FilterModule:
         return {
             "llm_proxy_keys_file": hash_api_keys,
             "llm_proxy_key_problems": key_problems,
-            "llm_proxy_weak_secret": weak_secret,
         }
