@@ -163,7 +163,10 @@ def test_a_setting_nginx_refuses_never_lands(host):
     pid_before = _nginx_pid(host)
     run = _converge({"nginx_client_max_body_size": "12 potatoes"})
     assert run.returncode != 0, "nginx.conf with an invalid client_max_body_size was accepted"
-    assert "Render nginx.conf" in run.stdout + run.stderr
+    output = run.stdout + run.stderr
+    assert "Render nginx.conf" in output
+    # nginx -t itself refused the rendered candidate (not some earlier check of the run).
+    assert '"client_max_body_size" directive invalid value' in output, output[-3000:]
     assert host.file("/etc/nginx/nginx.conf").sha256sum == before
     assert _nginx_pid(host) == pid_before
     assert host.service("nginx").is_running
