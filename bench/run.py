@@ -275,6 +275,9 @@ def results_data(
         "run": {
             "time_utc": datetime.now(UTC).isoformat(timespec="minutes"),
             "host": platform.node(),
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip(),
             "cpus": os.cpu_count(),
             "load_average_end": round(os.getloadavg()[0], 2),
             "python": platform.python_version(),

@@ -28,6 +28,13 @@ Nine blocks of README.md, each between its marker comments:
   rule's `for:`, its threshold and range window are read from the rule; the wording of a row
   is in ALERTS below, with those values as placeholders.
 
+Each of those blocks but the alerts ends with the commit its figures were measured at (the
+results' ``run.commit``; for results that predate it, the commit that recorded the file) and
+how many commits to the code it measured came after it (MEASURED below): "measured N commits
+to `proxy_app/` ago". The count runs to HEAD, so run this tool after committing a change to
+that code (and commit the README it rewrites on its own), or `--check` finds the README one
+commit behind.
+
 bench/RESULTS.md is checked too: it must be what bench/run.py's render_results makes of
 bench/results.json.
 """
@@ -39,6 +46,7 @@ import difflib
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -94,6 +102,60 @@ ALERTS: dict[str, tuple[str, str]] = {
         "model cache, Prometheus data (`prometheus_retention_*`), journals",
     ),
 }
+
+
+# What each block measured: the paths whose commits after the figure's own make it say so.
+# The results files themselves never count (recording a figure is not a change to the code),
+# nor do Markdown files.
+MEASURED: dict[str, tuple[str, ...]] = {
+    "bench": ("proxy_app/",),
+    "rerun": ("roles/", "playbooks/", "site.yml"),
+    "roll": ("roles/", "playbooks/", "proxy_app/"),
+    "gap": ("roles/", "playbooks/", "proxy_app/"),
+    "leaving": ("proxy_app/", "roles/nginx/", "roles/llm_proxy/"),
+    "cluster-bench": ("proxy_app/", "roles/"),
+    "routing": ("proxy_app/",),
+    "testtime": (
+        "Makefile", "tests/", "molecule/", "tools/", "proxy_app/", "roles/", "playbooks/",
+    ),
+}  # fmt: skip
+RESULTS_FILES = (
+    "tests/stages.json",
+    "molecule/stack/rerun.json",
+    "molecule/stack/gap.json",
+    "molecule/cluster/roll.json",
+)
+
+
+def _git(*args: str) -> str | None:
+    run = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
+def provenance(name: str, data: dict, source: Path) -> str:
+    """The sentence that says at which commit a block's figures were measured and whether
+    the code they measured changed since (commits to MEASURED[name], counted up to HEAD:
+    run this tool after committing a change, so that the count includes it)."""
+    commit = data.get("run", {}).get("commit")
+    verb = "Measured at"
+    if not commit:
+        # Results written before they named their commit: the commit that recorded them.
+        commit = _git("log", "-1", "--format=%h", "--", str(source))
+        verb = "Recorded at"
+        if not commit:
+            return "The commit these figures were measured at is not recorded."
+    paths = MEASURED[name]
+    count = _git(
+        "rev-list", "--count", f"{commit}..HEAD", "--", *paths,
+        *(f":(exclude){f}" for f in RESULTS_FILES), ":(exclude,glob)**/*.md",
+    )  # fmt: skip
+    where = _and([f"`{p}`" for p in paths])
+    if count is None:
+        return f"{verb} commit {commit} (not in this clone's history)."
+    if count == "0":
+        return f"{verb} commit {commit}; {where} unchanged since."
+    n = int(count)
+    return f"{verb} commit {commit}, {n} commit{'s' if n > 1 else ''} to {where} ago."
 
 
 class FiguresError(Exception):
@@ -366,7 +428,7 @@ def render_testtime(data: dict) -> str:
                 lines.append(f"| &nbsp;&nbsp;{step} | {seconds:,} | | | |")
     text = (
         f"`make test` took **{data['seconds'] / 60:.0f} minutes** (run {run['time_utc'][:10]} "
-        f"on {run['cpus']} CPUs, commit {run['commit']}; every stage passed; figures from "
+        f"on {run['cpus']} CPUs; every stage passed; figures from "
         f"`tests/stages.json`, which `make test` rewrites when every stage passes):"
     )
     return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n" + "\n".join(lines) + "\n"
@@ -472,25 +534,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = json.loads(args.results.read_text())
         readme = args.readme.read_text()
-        wanted = replace_block(readme, "bench", render_bench(data))
+        blocks = {
+            "bench": (render_bench, data, args.results),
+            "rerun": (render_rerun, json.loads(args.rerun.read_text()), args.rerun),
+            "roll": (render_roll, json.loads(args.roll.read_text()), args.roll),
+            "gap": (render_gap, json.loads(args.gap.read_text()), args.gap),
+            "leaving": (render_leaving, json.loads(args.leaving.read_text()), args.leaving),
+            "testtime": (render_testtime, json.loads(args.stages.read_text()), args.stages),
+            "cluster-bench": (
+                render_cluster_bench, json.loads(args.cluster.read_text()), args.cluster,
+            ),
+            "routing": (render_routing, json.loads(args.routing.read_text()), args.routing),
+        }  # fmt: skip
         wanted = replace_block(
-            wanted, "alerts", render_alerts(yaml.safe_load(args.rules.read_text()))
+            readme, "alerts", render_alerts(yaml.safe_load(args.rules.read_text()))
         )
-        wanted = replace_block(wanted, "rerun", render_rerun(json.loads(args.rerun.read_text())))
-        wanted = replace_block(wanted, "roll", render_roll(json.loads(args.roll.read_text())))
-        wanted = replace_block(wanted, "gap", render_gap(json.loads(args.gap.read_text())))
-        wanted = replace_block(
-            wanted, "leaving", render_leaving(json.loads(args.leaving.read_text()))
-        )
-        wanted = replace_block(
-            wanted, "testtime", render_testtime(json.loads(args.stages.read_text()))
-        )
-        wanted = replace_block(
-            wanted, "cluster-bench", render_cluster_bench(json.loads(args.cluster.read_text()))
-        )
-        wanted = replace_block(
-            wanted, "routing", render_routing(json.loads(args.routing.read_text()))
-        )
+        for name, (render, block_data, source) in blocks.items():
+            said = textwrap.fill(provenance(name, block_data, source), WIDTH)
+            body = render(block_data) + "\n" + said + "\n"
+            wanted = replace_block(wanted, name, body)
         results_md = _bench_module(args.bench).render_results(data)
     except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)

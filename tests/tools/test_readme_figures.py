@@ -459,3 +459,52 @@ def test_the_routing_table_comes_from_routing_json(sources):
     assert "documents 1.10x, conversations 2.00x (the goal, at least 1.5x on each, not met)" in (
         " ".join(sources["readme"].read_text().split())
     )
+
+
+def _figures_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_figures", TOOL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_each_figure_names_its_commit_and_how_old_its_measured_code_is(sources):
+    """Every block ends with the commit it was measured at; the fixtures' commit is not in
+    this repository's history, which the sentence says."""
+    stages = {**STAGES, "run": {**STAGES["run"], "commit": "0000000"}}
+    sources["stages"].write_text(json.dumps(stages))
+    assert tool(sources).returncode == 0
+    prose = " ".join(sources["readme"].read_text().split())
+    assert "Measured at commit 0000000 (not in this clone's history)." in prose
+    # Results that name no commit and are not tracked by git: said so, not guessed.
+    assert "The commit these figures were measured at is not recorded." in prose
+
+
+def test_the_age_counts_commits_to_the_measured_code_only():
+    figures = _figures_module()
+    if _git("rev-parse", "--is-shallow-repository") == "true":
+        pytest.skip("a shallow clone has no history to count")
+    head = _git("rev-parse", "--short", "HEAD")
+    # The second newest commit to proxy_app/ (not counting Markdown): at least one commit to
+    # proxy_app/ came after it, and exactly as many as git counts.
+    older = _git("log", "-2", "--format=%h", "--", "proxy_app/", ":(exclude,glob)**/*.md")
+    older = older.split()[-1]
+    count = int(
+        _git("rev-list", "--count", f"{older}..HEAD", "--", "proxy_app/", ":(exclude,glob)**/*.md")
+    )
+    assert count >= 1
+    said = figures.provenance("bench", {"run": {"commit": older}}, Path("x.json"))
+    ago = f"{count} commit{'s' if count > 1 else ''} to `proxy_app/` ago."
+    assert said == f"Measured at commit {older}, {ago}"
+    # Nothing measured changed between HEAD and HEAD.
+    said = figures.provenance("bench", {"run": {"commit": head}}, Path("x.json"))
+    assert said == f"Measured at commit {head}; `proxy_app/` unchanged since."

@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cluster import (
@@ -144,6 +145,14 @@ def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Clus
                 "run": {
                     "time_utc": datetime.now(UTC).isoformat(timespec="minutes"),
                     "cpus": os.cpu_count(),
+                    # The commit measured (tools/readme_figures.py says how old it is).
+                    "commit": subprocess.run(
+                        ["git", "rev-parse", "--short", "HEAD"],
+                        cwd=Path(__file__).parent,
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    ).stdout.strip(),
                     "load_average_start": round(load_start, 1),
                 },
                 "rate_per_second": 10,

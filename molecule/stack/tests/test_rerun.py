@@ -73,6 +73,14 @@ def test_a_rerun_with_nothing_to_change_changes_nothing_and_its_time_is_recorded
                 "run": {
                     "time_utc": datetime.now(UTC).isoformat(timespec="minutes"),
                     "cpus": os.cpu_count(),
+                    # The commit measured (tools/readme_figures.py says how old it is).
+                    "commit": subprocess.run(
+                        ["git", "rev-parse", "--short", "HEAD"],
+                        cwd=Path(__file__).parent,
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    ).stdout.strip(),
                     "load_average_start": round(load, 2),
                     "connection": _connection(inventory, sorted(hosts)[0]),
                 },

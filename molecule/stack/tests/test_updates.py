@@ -110,6 +110,14 @@ def test_a_vllm_change_on_the_one_gpu_host_means_a_gap_whose_length_is_recorded(
                 "run": {
                     "time_utc": datetime.now(UTC).isoformat(timespec="minutes"),
                     "cpus": os.cpu_count(),
+                    # The commit measured (tools/readme_figures.py says how old it is).
+                    "commit": subprocess.run(
+                        ["git", "rev-parse", "--short", "HEAD"],
+                        cwd=Path(__file__).parent,
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    ).stdout.strip(),
                     "load_average_start": round(load_average, 1),
                 },
                 "rate_per_second": RATE,
