@@ -10,8 +10,11 @@ bunches: at 45 a second, 0.12 s of bunching puts 51 in one second (a CI run saw 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import textwrap
+import time
 from datetime import datetime
 
 import pytest
@@ -61,11 +64,79 @@ def test_an_nginx_reload_under_load_fails_no_request(host, admin_key):
     assert _main_pid(host, "nginx") == before  # a reload: the master stayed
 
 
-def test_a_key_reload_under_load_fails_no_request(host, admin_key):
+# Run on the stack host as root: the keys file rewritten as an operator's converge would
+# (a new file moved into place), one key added and one removed, then the gateway reloaded.
+CHANGE_KEYS = textwrap.dedent(
+    """
+    import json, os, subprocess, sys
+    path, add, remove = "/etc/llm-proxy/keys.json", sys.argv[1], sys.argv[2]
+    keys = json.load(open(path))
+    keys["keys"] = [k for k in keys["keys"] if k.get("key_sha256") != remove]
+    keys["keys"].append({"user": "added-under-load", "key_sha256": add})
+    st = os.stat(path)
+    with open(path + ".new", "w") as f:
+        json.dump(keys, f, indent=2)
+    os.chown(path + ".new", st.st_uid, st.st_gid)
+    os.chmod(path + ".new", 0o640)
+    os.replace(path + ".new", path)
+    subprocess.run(["systemctl", "reload", "llm-proxy"], check=True)
+    """
+)
+
+
+def _models_status(host, key: str) -> str:
+    return host.run(
+        "curl -s -o /dev/null -w %s -H %s http://127.0.0.1:8000/v1/models",
+        "%{http_code}",
+        f"Authorization: Bearer {key}",
+    ).stdout
+
+
+def _until_status(host, key: str, want: str, timeout: float = 15) -> str:
+    """The key's status on /v1/models once it is ``want`` (a reload is a signal: the gateway
+    reads the file a moment after `systemctl reload` returns), or the last one seen."""
+    deadline = time.monotonic() + timeout
+    while (status := _models_status(host, key)) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return status
+
+
+def test_a_key_reload_under_load_fails_no_request(host, admin_key, demo_key):
+    """A key added and another removed (the keys file replaced, then `systemctl reload`)
+    while the admin key sends 25 requests a second: no request fails, the gateway keeps its
+    PID, the added key is served and the removed one refused at once. The file in force
+    before is put back after (the later tests use the demo key)."""
+    added = "sk-" + secrets.token_urlsafe(36)
+    digest = hashlib.sha256
     before = _main_pid(host, "llm-proxy")
-    result = _under_load(host, admin_key, "systemctl", "reload", "llm-proxy")
-    assert result["failed"] == [], result["failed"][:5]
-    assert _main_pid(host, "llm-proxy") == before  # in place: same PID
+    with host.sudo():
+        assert host.run("cp -p /etc/llm-proxy/keys.json /root/keys.json.before").rc == 0
+    try:
+        assert _models_status(host, demo_key) == "200"
+        assert _models_status(host, added) == "401"
+        result = _under_load(
+            host,
+            admin_key,
+            "python3",
+            "-c",
+            CHANGE_KEYS,
+            digest(added.encode()).hexdigest(),
+            digest(demo_key.encode()).hexdigest(),
+        )
+        assert result["failed"] == [], result["failed"][:5]
+        assert _main_pid(host, "llm-proxy") == before  # in place: same PID
+        # The load went on 5 s after the reload: both changes are in force by now.
+        assert _models_status(host, added) == "200"
+        assert _models_status(host, demo_key) == "401"
+    finally:
+        with host.sudo():
+            put_back = host.run(
+                "cp -p /root/keys.json.before /etc/llm-proxy/keys.json"
+                " && systemctl reload llm-proxy"
+            )
+        assert put_back.rc == 0, put_back.stderr
+    assert _until_status(host, demo_key, "200") == "200"
+    assert _until_status(host, added, "401") == "401"
 
 
 def test_a_gateway_restart_under_load_refuses_no_connection_and_drops_no_request(host, admin_key):
