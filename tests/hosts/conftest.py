@@ -11,7 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hostcheck import IN_MOLECULE, READ_ONLY, ReadOnlyHost
+from hostcheck import (
+    IN_MOLECULE,
+    READ_ONLY,
+    ReadOnlyHost,
+    host_of,
+    hosts_running,
+    inventory_groups,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,6 +36,7 @@ def host(host: Any) -> Any:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _keep_the_hosts_that_run_it(config, items)
     if IN_MOLECULE:
         return
     for item in items:
@@ -38,6 +46,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"Molecule only: {reason}"))
 
 
+def _keep_the_hosts_that_run_it(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each check module names what it checks (its ``SERVICE``) and is collected for every
+    host; the hosts whose groups do not make them run it are deselected (not skipped: a
+    host is checked for what it runs, and for nothing else)."""
+    inventory = config.getoption("ansible_inventory", None)
+    if not inventory:
+        return
+    runs: dict[str, set[str]] | None = None
+    kept, dropped = [], []
+    for item in items:
+        service = getattr(getattr(item, "module", None), "SERVICE", None)
+        host = host_of(item)
+        if service is None or host is None:
+            kept.append(item)
+            continue
+        if runs is None:
+            runs = hosts_running(inventory_groups(inventory))
+        (kept if host in runs[service] else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+# Inventory variables per (host, name), for the whole run: each lookup is an Ansible run
+# (seconds on a busy machine), and the inventory does not change while the checks run.
+_HOSTVARS: dict[tuple[str, str], Any] = {}
+_UNDEFINED = object()
+
+
 @pytest.fixture
 def hostvar(host: Any) -> Callable[[str, Any], Any]:
     """Return a lookup of the host's inventory variables, with the role default as fallback.
@@ -45,10 +82,11 @@ def hostvar(host: Any) -> Callable[[str, Any], Any]:
     Values are templated by Ansible itself (a `debug` call in check mode), so
     variables built from lookups (vault, generated keys) arrive resolved.
     """
-    cache: dict[str, Any] = {}
+    name_of_host = host.backend.get_hostname()
 
     def lookup(name: str, default: Any = None) -> Any:
-        if name not in cache:
+        key = (name_of_host, name)
+        if key not in _HOSTVARS:
             result = host.ansible("ansible.builtin.debug", f"var={name}", check=True)
             value = result.get(name)
             # Ansible prints an undefined variable as a marker string, not as null.
@@ -56,8 +94,9 @@ def hostvar(host: Any) -> Callable[[str, Any], Any]:
                 value.startswith("VARIABLE IS NOT DEFINED")
                 or (value.startswith("<<") and "is undefined" in value)
             )
-            cache[name] = default if value is None or undefined else value
-        return cache[name]
+            _HOSTVARS[key] = _UNDEFINED if value is None or undefined else value
+        value = _HOSTVARS[key]
+        return default if value is _UNDEFINED else value
 
     return lookup
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 from typing import Any
 
 import pytest
@@ -34,6 +35,46 @@ _MUTATING = re.compile(
     r"|rm\s|mv\s|cp\s|chmod|chown|truncate|tee\s|sed\s+-i|kill\s|reboot|shutdown)"
     r"|[^0-9&]>\s*(?!/dev/(null|stdout|stderr))\S"
 )
+
+
+def inventory_groups(inventory: str) -> dict[str, set[str]]:
+    """Each group of the inventory and every host in it (its children's hosts included)."""
+    out = subprocess.run(
+        ["ansible-inventory", "-i", inventory, "--list"], check=True, capture_output=True, text=True
+    ).stdout
+    data = json.loads(out)
+
+    def hosts(group: str, seen: frozenset[str] = frozenset()) -> set[str]:
+        entry = data.get(group, {})
+        found = set(entry.get("hosts", []))
+        for child in entry.get("children", []):
+            if child not in seen:
+                found |= hosts(child, seen | {group})
+        return found
+
+    return {group: hosts(group) for group in data if group != "_meta"}
+
+
+def hosts_running(groups: dict[str, set[str]]) -> dict[str, set[str]]:
+    """What each kind of check applies to, from the groups as the playbooks deploy them:
+    vLLM on `gpu` hosts; the gateway and nginx on the `gateway` hosts, or on the `gpu`
+    hosts when that group is empty or absent (playbooks/serving.yml); Redis on `redis`;
+    Prometheus and Grafana on `monitoring`; node exporter and llmhost.target everywhere."""
+    gpu = groups.get("gpu", set())
+    return {
+        "vllm": gpu,
+        "gateway": groups.get("gateway") or gpu,
+        "redis": groups.get("redis", set()),
+        "monitoring": groups.get("monitoring", set()),
+        "all": groups.get("all", set()),
+    }
+
+
+def host_of(item: pytest.Item) -> str | None:
+    """The name of the host a collected check runs on (None: not a host check)."""
+    callspec = getattr(item, "callspec", None)
+    host = callspec.params.get("_testinfra_host") if callspec is not None else None
+    return host.backend.get_hostname() if host is not None else None
 
 
 class ReadOnlyHost:

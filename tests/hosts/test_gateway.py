@@ -13,7 +13,10 @@ from hostcheck import (
     run_with_stdin,
 )
 
-testinfra_hosts = ["ansible://gpu"]
+# Collected for every host; conftest.py keeps the hosts that run it
+# (hostcheck.hosts_running).
+SERVICE = "gateway"
+testinfra_hosts = ["ansible://all"]
 
 
 def test_gateway_is_active_enabled_and_stable(host):
@@ -85,6 +88,16 @@ def test_a_real_answer_through_nginx(host, hostvar, nginx_url):
     key = hostvar("llmhost_check_api_key", "")
     assert key, "set llmhost_check_api_key in the inventory (a key the checks may use)"
     model = hostvar("vllm_served_model_name")
+    if not model:
+        # A gateway-only host knows no vLLM variables: the first model the gateway lists.
+        status, _, listed = http(
+            host,
+            "GET",
+            nginx_url("/v1/models"),
+            secret_headers={"Authorization": "Bearer {{ llmhost_check_api_key }}"},
+        )
+        assert status == 200, listed
+        model = json.loads(listed)["data"][0]["id"]
     body = json.dumps(
         {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Say hello"}]}
     )

@@ -7,7 +7,10 @@ import json
 
 import pytest
 
-testinfra_hosts = ["ansible://monitoring"]
+# Collected for every host; conftest.py keeps the hosts that run it
+# (hostcheck.hosts_running).
+SERVICE = "monitoring"
+testinfra_hosts = ["ansible://all"]
 
 
 def test_datasource_and_dashboards_are_provisioned(host, hostvar):

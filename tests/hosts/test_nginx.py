@@ -7,7 +7,10 @@ import ipaddress
 import pytest
 from hostcheck import IN_MOLECULE, assert_unit_hardened, assert_unit_healthy, http, openai_error
 
-testinfra_hosts = ["ansible://gpu"]
+# Collected for every host; conftest.py keeps the hosts that run it
+# (hostcheck.hosts_running).
+SERVICE = "gateway"
+testinfra_hosts = ["ansible://all"]
 
 
 def test_nginx_is_active_enabled_and_stable(host):

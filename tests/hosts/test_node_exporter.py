@@ -7,6 +7,9 @@ import re
 import pytest
 from hostcheck import assert_unit_hardened
 
+# Collected for every host; conftest.py keeps the hosts that run it (all of them)
+# (hostcheck.hosts_running).
+SERVICE = "all"
 testinfra_hosts = ["ansible://all"]
 
 # Collectors that the sandbox could break and that work on any Linux host:

@@ -1,4 +1,4 @@
-"""vLLM on the serving hosts: running, stable, reachable only on loopback."""
+"""vLLM on the gpu hosts: running, stable, reachable only where the inventory says."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import json
 import os
 
 import pytest
-from hostcheck import IN_MOLECULE, assert_unit_hardened, assert_unit_healthy
+from hostcheck import IN_MOLECULE, assert_unit_hardened, assert_unit_healthy, inventory_groups
 
-testinfra_hosts = ["ansible://gpu"]
+# Collected for every host; conftest.py keeps the hosts that run it
+# (hostcheck.hosts_running).
+SERVICE = "vllm"
+testinfra_hosts = ["ansible://all"]
 
 
 def test_vllm_is_active_enabled_and_stable(host):
@@ -73,6 +76,11 @@ def test_vllm_refuses_requests_without_its_key(host, hostvar):
 @pytest.mark.molecule_only(reason="needs a second host on the serving network to probe from")
 def test_vllm_is_unreachable_from_another_host(host, hostvar):
     inventory = os.environ["MOLECULE_INVENTORY_FILE"]
+    if "llmhost-probe" not in inventory_groups(inventory)["all"]:
+        pytest.skip(
+            "no llmhost-probe host in this scenario (the cluster checks its firewall from its "
+            "other hosts: molecule/cluster/tests/test_hosts.py)"
+        )
     probe = host.get_host("ansible://llmhost-probe", ansible_inventory=inventory)
     port = hostvar("vllm_port", 8002)
     name = host.backend.get_hostname()

@@ -178,15 +178,21 @@ def _start_vllm(
     # attention kernel for bfloat16, and a first request with a short prompt (a few tokens)
     # kills the worker with SIGILL (seen here: "Fatal Python error: Illegal instruction" in
     # cpu_attention_with_kv_cache). float32 takes the AVX-512 kernel.
-    # At a lower priority (nice 10): on a machine with few cores vLLM's busy threads starved
-    # the test client of the CPU for seconds (a stream the client meant to leave after three
-    # tokens was whole by the time it left, in a fresh-clone CI run); the gateway and the
-    # client must keep up with vLLM, not the other way round.
+    # One OpenMP thread, not pinned (as the cluster inventory runs it): vLLM's CPU build
+    # otherwise runs a thread per core, each pinned, spinning at every barrier until the
+    # others arrive; with other work on the cores (a fresh-clone run beside two busy
+    # processes) a pinned thread waits for its core's turn at every barrier, and vLLM went
+    # silent for over 30 s mid-stream (the test gateways' read timeout), failing two tests.
+    # At a somewhat lower priority (nice 5): on a machine with few cores vLLM's busy threads
+    # starved the test client of the CPU for seconds (a stream the client meant to leave
+    # after three tokens was whole by the time it left, in a fresh-clone CI run); the gateway
+    # and the client must keep up with vLLM, not the other way round. (nice 10 left vLLM a
+    # tenth of a core beside a busy process.)
     proc = start(
         [
             "nice",
             "-n",
-            "10",
+            "5",
             str(python),
             "-m",
             "vllm.entrypoints.openai.api_server",
@@ -212,6 +218,8 @@ def _start_vllm(
             "VLLM_NO_USAGE_STATS": "1",
             "VLLM_LOGGING_LEVEL": "WARNING",
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "OMP_NUM_THREADS": "1",
         },
         group=True,
     )

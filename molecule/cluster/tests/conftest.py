@@ -39,10 +39,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``late`` move to just before test_updates.py's, in their order."""
+    """The host checks of tests/hosts/ first (they read the hosts as deployed: a test that
+    kills a process leaves a restart count behind); tests marked ``late`` move to just
+    before test_updates.py's, in their order."""
+    checks = [i for i in items if Path(str(i.fspath)).parent.name == "hosts"]
     late = [i for i in items if i.get_closest_marker("late")]
     last = [i for i in items if i.module.__name__ == LAST_MODULE and i not in late]
-    items[:] = [i for i in items if i not in late and i not in last] + late + last
+    rest = [i for i in items if i not in checks and i not in late and i not in last]
+    items[:] = checks + rest + late + last
 
 
 @pytest.fixture(scope="module")
