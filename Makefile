@@ -93,13 +93,14 @@ demo-cluster: setup ## The cluster layout (2 gpu hosts, 2 gateways, Redis + moni
 demo-cluster-down: ## Remove the local cluster's test hosts
 	ansible-playbook -i $(CLUSTER_INVENTORY) playbooks/testbed-host.yml -e state=absent
 
-lint: venv ## ruff, yamllint, ansible-lint (production profile), argument specs, README figures
+lint: venv ## ruff, yamllint, ansible-lint (production profile), argument specs, generated figures, docs' links and test names
 	ruff check .
 	ruff format --check .
 	yamllint --strict .
 	ansible-lint
 	$(VENV)/bin/python tools/argument_specs.py --check
 	$(VENV)/bin/python tools/readme_figures.py --check
+	$(VENV)/bin/python tools/docs_check.py
 
 test-tools: venv ## Unit tests of tools/ and of the roles' plugins (seconds, no services)
 	$(VENV)/bin/pytest -q tests/tools tests/roles

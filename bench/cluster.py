@@ -12,7 +12,7 @@ key's limits).
 
     .venv/bin/python bench/cluster.py [--inventory inventories/local-cluster] [--rounds 2]
 
-Writes bench/cluster.json; tools/readme_figures.py renders the README's ``cluster-bench``
+Writes bench/cluster.json; tools/readme_figures.py renders the ``cluster-bench``
 block from it (make lint fails when they differ). The goal (issue 22): through the stack,
 median TTFT within 2 ms of direct, median TPOT equal within noise, 0 failed.
 """

@@ -11,7 +11,7 @@ The goal of issue 21: vLLM stops within 100 ms of the client leaving, streamed o
 
     .venv/bin/python bench/leaving.py [--host llmhost-demo] [--rounds 5]
 
-Writes bench/leaving.json; tools/readme_figures.py renders the README's ``leaving`` block
+Writes bench/leaving.json; tools/readme_figures.py renders the ``leaving`` block
 from it (make lint fails when they differ).
 """
 

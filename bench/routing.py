@@ -22,7 +22,7 @@ by at least 1.5x in hit rate on both workloads. The inventory's policy is put ba
 
     .venv/bin/python bench/routing.py [--inventory inventories/local-cluster]
 
-Writes bench/routing.json; tools/readme_figures.py renders the README's ``routing`` block
+Writes bench/routing.json; tools/readme_figures.py renders the ``routing`` block
 from it (make lint fails when they differ).
 """
 

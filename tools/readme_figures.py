@@ -1,9 +1,12 @@
-"""Render the README's generated blocks, so that no figure in them is typed by hand.
+"""Render the generated blocks of README.md and docs/*.md, so that no figure is typed by hand.
 
     python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
     python tools/readme_figures.py --check   fail when any of them differs (make lint)
 
-Nine blocks of README.md, each between its marker comments:
+Nine blocks, each between its marker comments (`<!-- name:begin ... -->` and
+`<!-- name:end -->` lines) in exactly one of README.md and docs/*.md: a block is rendered in
+the file that holds it, so that a figure sits next to the text that explains it. A block in no
+file or in two is an error naming it. The blocks:
 
 - ``bench``: the benchmark table and its sentences, from bench/results.json (written by
   bench/run.py);
@@ -32,8 +35,8 @@ Each of those blocks but the alerts ends with the commit its figures were measur
 results' ``run.commit``; for results that predate it, the commit that recorded the file) and
 how many commits to the code it measured came after it (MEASURED below): "measured N commits
 to `proxy_app/` ago". The count runs to HEAD, so run this tool after committing a change to
-that code (and commit the README it rewrites on its own), or `--check` finds the README one
-commit behind.
+that code (and commit the README or docs page it rewrites on its own), or `--check` finds the
+page one commit behind.
 
 bench/RESULTS.md is checked too: it must be what bench/run.py's render_results makes of
 bench/results.json.
@@ -159,7 +162,7 @@ def provenance(name: str, data: dict, source: Path) -> str:
 
 
 class FiguresError(Exception):
-    """A source the README is rendered from is missing or does not fit."""
+    """A source the README and docs are rendered from is missing or does not fit."""
 
 
 def _and(values: list[str]) -> str:
@@ -172,7 +175,7 @@ def _duration(text: str) -> str:
 
 
 def render_bench(data: dict) -> str:
-    """The README's benchmark block from bench/results.json."""
+    """The benchmark block from bench/results.json."""
     run = data["run"]
     version = run["litellm_version"]
     lite = version is not None
@@ -220,7 +223,7 @@ def render_bench(data: dict) -> str:
 
 
 def render_rerun(data: dict) -> str:
-    """The README's re-run sentence from molecule/stack/rerun.json."""
+    """The re-run sentence from molecule/stack/rerun.json."""
     run = data["run"]
     connection = "SSH" if run["connection"] == "ssh" else f"the `{run['connection']}` connection"
     hosts = "; ".join(
@@ -237,7 +240,7 @@ def render_rerun(data: dict) -> str:
 
 
 def render_roll(data: dict) -> str:
-    """The README's rolling-update sentence from molecule/cluster/roll.json."""
+    """The rolling-update sentence from molecule/cluster/roll.json."""
     run = data["run"]
     hosts = ", ".join(
         f"`{name}` {seconds:.0f} s"
@@ -258,7 +261,7 @@ def render_roll(data: dict) -> str:
 
 
 def render_gap(data: dict) -> str:
-    """The README's single-host gap sentence from molecule/stack/gap.json."""
+    """The single-host gap sentence from molecule/stack/gap.json."""
     run = data["run"]
     statuses = _and([f"{n} x {status}" for status, n in sorted(data["statuses"].items())])
     why_500 = (
@@ -281,7 +284,7 @@ def render_gap(data: dict) -> str:
 
 
 def render_leaving(data: dict) -> str:
-    """The README's client-leaving table from bench/leaving.json."""
+    """The client-leaving table from bench/leaving.json."""
     run = data["run"]
     machine = {
         "quiet": "quiet",
@@ -310,7 +313,7 @@ def render_leaving(data: dict) -> str:
 
 
 def render_cluster_bench(data: dict) -> str:
-    """The README's cluster benchmark table from bench/cluster.json (`make bench-cluster`)."""
+    """The cluster benchmark table from bench/cluster.json (`make bench-cluster`)."""
     run, w, s = data["run"], data["workload"], data["summary"]
     lines = [
         "| path | req/s | median TTFT | mean TTFT | p90 TTFT | median TPOT | failed |",
@@ -359,7 +362,7 @@ def render_cluster_bench(data: dict) -> str:
 
 
 def render_routing(data: dict) -> str:
-    """The README's routing table from bench/routing.json (`make bench-routing`)."""
+    """The routing table from bench/routing.json (`make bench-routing`)."""
     run, w, policies = data["run"], data["workloads"], data["policies"]
     names = list(w)
     lines = [
@@ -408,7 +411,7 @@ def render_routing(data: dict) -> str:
 
 
 def render_testtime(data: dict) -> str:
-    """The README's test-time table from tests/stages.json (steps under a second left out)."""
+    """The test-time table from tests/stages.json (steps under a second left out)."""
     run = data["run"]
     lines = [
         "| stage | seconds | load average at its start | CPU busy | ran |",
@@ -453,7 +456,7 @@ def _rule_values(rule: dict) -> dict[str, str]:
 
 
 def render_alerts(rules: dict) -> str:
-    """The README's alert table from the Prometheus rules file."""
+    """The alert table from the Prometheus rules file."""
     lines = ["| alert | severity | fires when | what to do |", "|---|---|---|---|"]
     names = []
     for group in rules["groups"]:
@@ -483,17 +486,42 @@ def render_alerts(rules: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(text: str, name: str, body: str) -> str:
-    """Put body between the lines `<!-- name:begin ... -->` and `<!-- name:end -->`."""
-    pattern = re.compile(
+def _block(name: str) -> re.Pattern[str]:
+    return re.compile(
         rf"^(<!-- {name}:begin\b[^\n]*-->\n)(.*?)^(<!-- {name}:end -->)$", re.M | re.S
     )
+
+
+def _begins(text: str, name: str) -> int:
+    return len(re.findall(rf"^<!-- {re.escape(name)}:begin\b", text, re.M))
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Put body between the lines `<!-- name:begin ... -->` and `<!-- name:end -->`."""
+    pattern = _block(name)
     if len(pattern.findall(text)) != 1:
         raise FiguresError(
-            f"README.md needs exactly one block between `<!-- {name}:begin -->` and "
+            f"block {name}: needs exactly one block between `<!-- {name}:begin -->` and "
             f"`<!-- {name}:end -->` lines"
         )
     return pattern.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(3), text)
+
+
+def place_block(pages: dict[Path, str], name: str, body: str) -> None:
+    """Render a block in whichever page holds it: exactly one of them must."""
+    holders = [path for path, text in pages.items() if _begins(text, name)]
+    if len(holders) != 1 or _begins(pages[holders[0]], name) != 1:
+        where = ", ".join(str(p) for p in holders) or "none of them"
+        raise FiguresError(
+            f"block {name}: exactly one of {_and([str(p) for p in pages]) or 'no page'} must "
+            f"hold one `<!-- {name}:begin -->` ... `<!-- {name}:end -->` block; found in {where}"
+        )
+    pages[holders[0]] = replace_block(pages[holders[0]], name, body)
+
+
+def pages_of(readme: Path, docs: Path) -> list[Path]:
+    """README.md and every Markdown page of docs/ (none where docs/ does not exist)."""
+    return [readme, *sorted(docs.glob("*.md"))] if docs.is_dir() else [readme]
 
 
 def _bench_module(path: Path) -> ModuleType:
@@ -517,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; fail on drift")
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument(
+        "--docs", type=Path, default=REPO / "docs", help="folder of the other pages (*.md)"
+    )
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results.json")
     parser.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md")
     parser.add_argument("--bench", type=Path, default=REPO / "bench" / "run.py")
@@ -533,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         data = json.loads(args.results.read_text())
-        readme = args.readme.read_text()
+        pages = {path: path.read_text() for path in pages_of(args.readme, args.docs)}
+        before = dict(pages)
         blocks = {
             "bench": (render_bench, data, args.results),
             "rerun": (render_rerun, json.loads(args.rerun.read_text()), args.rerun),
@@ -546,18 +578,17 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "routing": (render_routing, json.loads(args.routing.read_text()), args.routing),
         }  # fmt: skip
-        wanted = replace_block(
-            readme, "alerts", render_alerts(yaml.safe_load(args.rules.read_text()))
-        )
+        place_block(pages, "alerts", render_alerts(yaml.safe_load(args.rules.read_text())))
         for name, (render, block_data, source) in blocks.items():
             said = textwrap.fill(provenance(name, block_data, source), WIDTH)
             body = render(block_data) + "\n" + said + "\n"
-            wanted = replace_block(wanted, name, body)
+            place_block(pages, name, body)
         results_md = _bench_module(args.bench).render_results(data)
     except (FiguresError, OSError, KeyError, ValueError, yaml.YAMLError) as e:
         print(f"readme_figures: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    outputs = [(args.readme, wanted), (args.results_md, results_md)]
+    outputs = [(path, new) for path, new in pages.items() if new != before[path]]
+    outputs.append((args.results_md, results_md))
     drift = [(p, new) for p, new in outputs if not p.exists() or p.read_text() != new]
     if not args.check:
         for path, new in drift:

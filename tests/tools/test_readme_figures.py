@@ -1,5 +1,6 @@
-"""tools/readme_figures.py: README blocks rendered from bench/results.json, the alert rules
-and the stack scenario's timed re-run (molecule/stack/rerun.json)."""
+"""tools/readme_figures.py: the blocks of README.md and docs/*.md rendered from
+bench/results.json, the alert rules and the stack scenario's timed re-run
+(molecule/stack/rerun.json), each in the page that holds it."""
 
 from __future__ import annotations
 
@@ -254,7 +255,9 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "stages": tmp_path / "stages.json",
         "cluster": tmp_path / "cluster.json",
         "routing": tmp_path / "routing.json",
+        "docs": tmp_path / "docs",
     }
+    paths["docs"].mkdir()
     paths["readme"].write_text(README)
     paths["results"].write_text(json.dumps(RESULTS))
     paths["rerun"].write_text(json.dumps(RERUN))
@@ -459,6 +462,60 @@ def test_the_routing_table_comes_from_routing_json(sources):
     assert "documents 1.10x, conversations 2.00x (the goal, at least 1.5x on each, not met)" in (
         " ".join(sources["readme"].read_text().split())
     )
+
+
+ROUTING_BLOCK = """<!-- routing:begin: generated -->
+Routing is perfect.
+<!-- routing:end -->
+"""
+
+
+def test_a_block_in_a_docs_page_is_rendered_there_and_checked_there(sources):
+    sources["readme"].write_text(README.replace(ROUTING_BLOCK, ""))
+    page = sources["docs"] / "scaling.md"
+    page.write_text("# Scaling\n\nProse of the page.\n\n" + ROUTING_BLOCK + "\nMore prose.\n")
+    (sources["docs"] / "other.md").write_text("# Another page, with no block\n")
+
+    assert tool(sources).returncode == 0
+
+    text = page.read_text()
+    assert "| prefix | 80.0% | 50% / 50% | 70.0% | 45% / 55% |" in text
+    assert "Prose of the page." in text and "More prose." in text
+    assert "is perfect" not in text
+    assert "routing:begin" not in sources["readme"].read_text()
+    assert "| `VLLMDown` | critical |" in sources["readme"].read_text()  # the others stay
+    assert (sources["docs"] / "other.md").read_text() == "# Another page, with no block\n"
+    assert tool(sources, "--check").returncode == 0
+
+    page.write_text(text.replace("80.0%", "99.9%"))
+    check = tool(sources, "--check")
+    assert check.returncode == 1
+    assert f"{page} differs" in check.stderr
+    assert f"{sources['readme']} differs" not in check.stderr
+    assert "-| prefix | 99.9% |" in check.stderr
+
+
+def test_a_block_in_two_pages_is_refused_by_name(sources):
+    page = sources["docs"] / "scaling.md"
+    page.write_text("# Scaling\n\n" + ROUTING_BLOCK)
+
+    run = tool(sources)
+
+    assert run.returncode == 2
+    assert "block routing:" in run.stderr
+    assert f"found in {sources['readme']}, {page}" in run.stderr
+    assert page.read_text() == "# Scaling\n\n" + ROUTING_BLOCK  # nothing rewritten
+    assert sources["readme"].read_text() == README
+
+
+def test_a_block_in_no_page_is_refused_by_name(sources):
+    sources["readme"].write_text(README.replace(ROUTING_BLOCK, ""))
+
+    check = tool(sources, "--check")
+
+    assert check.returncode == 2
+    assert "block routing:" in check.stderr
+    assert "found in none of them" in check.stderr
 
 
 def _figures_module():

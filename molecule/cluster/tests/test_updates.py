@@ -31,7 +31,7 @@ testinfra_hosts = ["ansible://llmhost-gw1"]
 PROJECT = SCENARIO.parent.parent
 # `other`, over both gpu hosts (test_multinode.py): its backend is its leader's.
 SPANNING = "llmhost-gpu1/other"
-# Where the README's figure of the roll comes from (tools/readme_figures.py).
+# Where the roll's figure (docs/scaling.md) comes from (tools/readme_figures.py).
 ROLL_RESULTS = SCENARIO / "roll.json"
 
 
@@ -86,7 +86,7 @@ def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Clus
     time, while a client sends 10 requests a second (every other one streamed) through a
     gateway the whole time: every answer 200, every stream whole, every vLLM unit restarted
     (a new PID) with the new argument, and each host drained and back on both gateways. The
-    time each host was out of rotation goes to roll.json (the README's figure)."""
+    time each host was out of rotation goes to roll.json (the figure in docs/scaling.md)."""
     before = _vllm_processes(cluster)
     assert all("--max-num-seqs 16 " in cmd for _, cmd in before.values()), before
     since = cluster.run(GATEWAYS[0], "date '+%Y-%m-%d %H:%M:%S'").strip()

@@ -1,6 +1,6 @@
 """A re-run of the whole site with nothing to change, as operators run it after every
 inventory edit: it changes nothing on any host, and how long it took is written to
-molecule/stack/rerun.json, from which tools/readme_figures.py renders the README's figure.
+molecule/stack/rerun.json, from which tools/readme_figures.py renders its figure (docs/).
 It is also the scenario's idempotence check (the scenario has no Molecule idempotence step):
 the tests before it change no setting, so it meets the hosts as the converge left them, and
 a test that left something site.yml would put back fails it too.

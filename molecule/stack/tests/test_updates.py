@@ -1,7 +1,7 @@
 """A vLLM change on the one gpu host, the way the README tells operators to apply one: the
 rolling update (playbooks/rolling-update.yml) changes an argument while a client on the host
 sends requests through nginx. With one host there is no other vLLM to serve while it
-restarts: the clients see a gap, whose length goes to molecule/stack/gap.json (the README's
+restarts: the clients see a gap, whose length goes to molecule/stack/gap.json (the docs'
 figure, rendered by tools/readme_figures.py). Measured, not asserted.
 
 Last in the scenario: it leaves vLLM with another setting than the inventory's."""

@@ -1,0 +1,194 @@
+"""Check the documentation's links and the tests it names (`make lint`).
+
+    python tools/docs_check.py
+
+Reads README.md, proxy_app/README.md and docs/*.md, and prints one line per problem
+(`file:line: what`), exiting 1 when there is any:
+
+- a relative Markdown link, `[text](path)` or `[text](path#anchor)`, whose path does not exist
+  next to the file, or whose anchor (also a bare `[text](#anchor)`) is no heading of the target
+  file by GitHub's rule (lower case, punctuation but hyphens and underscores dropped, spaces to
+  hyphens, a repeated heading numbered `-1`, `-2`...); http(s) and mailto links are not
+  followed;
+- a test function named in the text (`test_...`, in backticks or not) that no
+  `def test_...` or `async def test_...` under tests/ or molecule/ defines: a sentence that
+  says which test proves it must name one that exists;
+- a test file named in the text (`test_*.py`, `tests/....py`) that exists neither at that path
+  from the repository's root nor as the end of a path under tests/ or molecule/ (the docs say
+  `tests/test_limits.py` of a scenario's `molecule/cluster/tests/test_limits.py`).
+
+Links inside fenced code blocks and inline code are not links, and are not followed; test
+names are checked everywhere, code included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_INLINE_CODE = re.compile(r"`+[^`]*`+")
+# [text](target) or [text](target "title"); images too. Nested brackets in the text are rare
+# enough in these docs to leave out.
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_TEST_FILE = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*test_\w+\.py|tests/[\w./-]+\.py)\b")
+_TEST_NAME = re.compile(r"\btest_\w+")
+_DEF = re.compile(r"^\s*(?:async\s+)?def\s+(test_\w+)\s*\(", re.M)
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    line: int
+    what: str
+
+    def render(self, root: Path) -> str:
+        try:
+            shown = self.path.relative_to(root)
+        except ValueError:
+            shown = self.path
+        return f"{shown}:{self.line}: {self.what}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but `-` and `_` dropped, spaces
+    to hyphens (`Checking deployed hosts: `make check`` -> `checking-deployed-hosts-make-check`)."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link's text, not its target
+    text = re.sub(r"[^\w\- ]", "", text.lower())
+    return text.replace(" ", "-")
+
+
+def _lines_outside_code(text: str) -> Iterable[tuple[int, str]]:
+    """(number, line) of every line that is not inside a fenced code block."""
+    fenced = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if _FENCE.match(line):
+            fenced = not fenced
+            continue
+        if not fenced:
+            yield number, line
+
+
+def anchors(text: str) -> set[str]:
+    """Every anchor GitHub gives the headings of a Markdown text."""
+    seen: dict[str, int] = {}
+    found = set()
+    for _, line in _lines_outside_code(text):
+        match = _HEADING.match(line)
+        if not match:
+            continue
+        base = slug(match.group(2))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        found.add(base if n == 0 else f"{base}-{n}")
+    return found
+
+
+def defined_tests(root: Path) -> set[str]:
+    """The names of every test function under tests/ and molecule/."""
+    names: set[str] = set()
+    for tree in ("tests", "molecule"):
+        for path in (root / tree).rglob("*.py"):
+            names.update(_DEF.findall(path.read_text(errors="replace")))
+    return names
+
+
+def known_test_files(root: Path) -> list[str]:
+    """Every Python file under tests/ and molecule/, as a path from the root."""
+    return [
+        path.relative_to(root).as_posix()
+        for tree in ("tests", "molecule")
+        for path in (root / tree).rglob("*.py")
+    ]
+
+
+def _file_exists(name: str, root: Path, files: list[str]) -> bool:
+    if (root / name).is_file():
+        return True
+    return any(f == name or f.endswith("/" + name) for f in files)
+
+
+def check_links(path: Path, text: str) -> list[Problem]:
+    problems = []
+    cache: dict[Path, set[str]] = {}
+    for number, line in _lines_outside_code(text):
+        for target in _LINK.findall(_INLINE_CODE.sub("", line)):
+            if re.match(r"^(https?:|mailto:)", target, re.I):
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            if not linked.exists():
+                problems.append(Problem(path, number, f"link to a missing file: {target}"))
+                continue
+            if not anchor:
+                continue
+            if linked.is_dir() or linked.suffix.lower() != ".md":
+                problems.append(Problem(path, number, f"anchor into a non-Markdown file: {target}"))
+                continue
+            if linked not in cache:
+                cache[linked] = anchors(text if linked == path else linked.read_text())
+            if anchor not in cache[linked]:
+                problems.append(Problem(path, number, f"link to a missing heading: {target}"))
+    return problems
+
+
+def check_tests(
+    path: Path, text: str, root: Path, tests: set[str], files: list[str]
+) -> list[Problem]:
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for name in _TEST_FILE.findall(line):
+            if not _file_exists(name, root, files):
+                problems.append(Problem(path, number, f"no such test file: {name}"))
+        for match in _TEST_NAME.finditer(line):
+            name = match.group(0)
+            if line[match.end() : match.end() + 3] == ".py":
+                continue  # a file name, checked above
+            if name not in tests:
+                problems.append(Problem(path, number, f"no test is named {name}"))
+    return problems
+
+
+def documents(root: Path) -> list[Path]:
+    docs = [root / "README.md", root / "proxy_app" / "README.md"]
+    docs += sorted((root / "docs").glob("*.md"))
+    return [d for d in docs if d.exists()]
+
+
+def check(root: Path, paths: list[Path]) -> list[Problem]:
+    tests = defined_tests(root)
+    files = known_test_files(root)
+    problems = []
+    for path in paths:
+        text = path.read_text()
+        problems += check_links(path, text)
+        problems += check_tests(path, text, root, tests, files)
+    return sorted(problems, key=lambda p: (str(p.path), p.line))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--root", type=Path, default=REPO, help="repository root (tests/, molecule/, docs/)"
+    )
+    parser.add_argument(
+        "paths", nargs="*", type=Path, help="Markdown files (default: the READMEs and docs/*.md)"
+    )
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    paths = [p.resolve() for p in args.paths] or documents(root)
+    problems = check(root, paths)
+    for problem in problems:
+        print(problem.render(root))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
