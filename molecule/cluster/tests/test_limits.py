@@ -270,10 +270,13 @@ def test_a_100_token_quota_ends_at_most_at_100_tokens(cluster: Cluster, keys, ad
 def test_with_redis_stopped_closed_refuses_and_local_serves_its_share(
     cluster: Cluster, keys, admin_key, extra_gateway
 ):
-    """The scenario's gateways run `redis_failure_mode: closed`; two more gateways (one
-    per gateway host) run `local` with gateway_count 2. Redis stopped: the closed ones
-    answer 503 in OpenAI's shape; each local one admits 2 of a concurrency-4 key (its
-    share, never 4); what the local ones charged is in Redis once it is back."""
+    """The scenario's first gateway runs `llm_proxy_redis_failure_mode: closed`, the second
+    `local` (its host_vars: the role's variable, the deployed units, gateway_count 2 from the
+    inventory); a third gateway process on the first host runs `local` too, so that the two
+    local ones share each limit as two gateway hosts would. Redis stopped: the closed one
+    answers 503 in OpenAI's shape; each local one admits 2 of a concurrency-4 key (its
+    share, never 4); what the local ones charged is in Redis once it is back (replayed from
+    their spools)."""
     # The scenario's gateways all up (a test before may have restarted one).
     for gw in GATEWAYS:
         wait_until(lambda gw=gw: cluster.active(gw, "llm-proxy"), 60, f"{gw} up")
@@ -282,11 +285,12 @@ def test_with_redis_stopped_closed_refuses_and_local_serves_its_share(
             60,
             f"{gw} ready",
         )
+    assert cluster.gateway_config(GATEWAYS[0])["redis_failure_mode"] == "closed"
+    deployed = cluster.gateway_config(GATEWAYS[1])
+    assert (deployed["redis_failure_mode"], deployed["gateway_count"]) == ("local", 2)
     local = [
-        extra_gateway(
-            f"local-{i}", 8110 + i, {"redis_failure_mode": "local", "gateway_count": 2}, on=gw
-        )
-        for i, gw in enumerate(GATEWAYS)
+        gateway_url(GATEWAYS[1]),
+        extra_gateway("local-0", 8110, {"redis_failure_mode": "local", "gateway_count": 2}),
     ]
     # The local gateways read the key's quota usage while Redis is up (a quota they have
     # never read is refused in local mode).
