@@ -23,7 +23,7 @@ UNITS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def kinds(request, host) -> set[str]:
     """The kinds of service this host runs, from the inventory's groups."""
     inventory = request.config.getoption("ansible_inventory")
@@ -32,7 +32,7 @@ def kinds(request, host) -> set[str]:
     return {kind for kind, hosts in runs.items() if name in hosts}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def wanted(host) -> list[str]:
     """The units llmhost.target wants on this host."""
     out = host.run("systemctl show -p Wants --value llmhost.target")

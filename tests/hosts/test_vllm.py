@@ -22,12 +22,28 @@ def test_vllm_unit_is_sandboxed(host):
     assert_unit_hardened(host, "vllm")
 
 
-def test_vllm_listens_on_its_private_address_only(host, hostvar):
-    address = hostvar("vllm_host", "127.0.0.1")
+def _listening(host, port: int) -> set[str]:
+    """The addresses something listens on at ``port`` (ss, bracketed IPv6 unwrapped)."""
+    out = host.run(f"ss -Htln sport = :{port}").stdout
+    return {line.split()[3].rsplit(":", 1)[0].strip("[]") for line in out.splitlines()}
+
+
+def _vllm_address(host, hostvar) -> str:
+    """Where vLLM listens: `vllm_host`, a role default an ad-hoc lookup does not see (on a
+    cluster layout it is the host's private address), so asked of the host itself."""
     port = hostvar("vllm_port", 8002)
-    assert host.socket(f"tcp://{address}:{port}").is_listening
-    assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening
-    assert not host.socket(f"tcp://:::{port}").is_listening
+    addresses = _listening(host, port)
+    assert len(addresses) == 1, f"port {port}: {addresses or 'nothing listens'}"
+    return addresses.pop()
+
+
+def test_vllm_listens_on_its_private_address_only(host, hostvar):
+    """On loopback (one host) or on one of the host's own addresses (a cluster), never on
+    every address."""
+    address = _vllm_address(host, hostvar)
+    assert address not in ("0.0.0.0", "::", "*"), f"vLLM listens on {address}"
+    own = set(host.run("hostname -I").stdout.split()) | {"127.0.0.1", "::1"}
+    assert address in own, (address, own)
 
 
 def test_vllm_runs_as_its_own_user(host, hostvar):
@@ -43,7 +59,7 @@ def test_vllm_environment_file_is_private(host, hostvar):
 
 
 def test_vllm_answers_health(host, hostvar):
-    address = hostvar("vllm_host", "127.0.0.1")
+    address = _vllm_address(host, hostvar)
     port = hostvar("vllm_port", 8002)
     result = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' http://{address}:{port}/health")
     assert result.stdout == "200"
@@ -62,7 +78,7 @@ def test_vllm_refuses_requests_without_its_key(host, hostvar):
         if IN_MOLECULE:
             pytest.fail(message)
         pytest.skip(message)
-    address = hostvar("vllm_host", "127.0.0.1")
+    address = _vllm_address(host, hostvar)
     port = hostvar("vllm_port", 8002)
     body = json.dumps({"model": hostvar("vllm_served_model_name"), "prompt": "x", "max_tokens": 1})
     result = host.run(

@@ -53,8 +53,11 @@ def test_check_fails_naming_the_host_and_unit_stopped_on_a_gateway_and_redis(clu
     try:
         run = _check("-k", "test_every_unit_of_llmhost_target_is_active")
     finally:
-        cluster.run(REDIS, "systemctl start redis-server.service")
-        cluster.run(gateway, "systemctl start llm-proxy.socket llm-proxy.service")
+        # As an operator brings a host's services back: llmhost.target starts what stopping
+        # the socket stopped with it (the standby gateway, bound to the socket).
+        cluster.run(REDIS, "systemctl start llmhost.target")
+        cluster.run(gateway, "systemctl start llmhost.target")
+        wait_until(lambda: cluster.active(gateway, "llm-proxy-standby"), 60, "the standby up")
         for gw in GATEWAYS:
             wait_until(
                 lambda gw=gw: CLIENT.get(f"{gateway_url(gw)}/ready").status_code == 200,
@@ -64,6 +67,7 @@ def test_check_fails_naming_the_host_and_unit_stopped_on_a_gateway_and_redis(clu
     out = run.stdout
     assert run.returncode == 1, out[-4000:]
     assert f"on {gateway}: " in out and "llm-proxy.service is inactive" in out, out[-4000:]
+    assert "llm-proxy-standby.service is inactive" in out, out[-4000:]
     assert f"on {REDIS}: " in out and "redis-server.service is inactive" in out, out[-4000:]
     rows = _rows(out)
     # Each host was checked (one row each), and only the two changed ones failed.
