@@ -165,8 +165,10 @@ def test_a_setting_nginx_refuses_never_lands(host):
     assert run.returncode != 0, "nginx.conf with an invalid client_max_body_size was accepted"
     output = run.stdout + run.stderr
     assert "Render nginx.conf" in output
-    # nginx -t itself refused the rendered candidate (not some earlier check of the run).
-    assert '"client_max_body_size" directive invalid value' in output, output[-3000:]
+    # nginx -t itself refused the rendered candidate (not some earlier check of the run):
+    # "[emerg] invalid number of arguments in "client_max_body_size" directive ... test failed".
+    assert "[emerg]" in output and 'in "client_max_body_size" directive' in output, output[-3000:]
+    assert "test failed" in output, output[-3000:]
     assert host.file("/etc/nginx/nginx.conf").sha256sum == before
     assert _nginx_pid(host) == pid_before
     assert host.service("nginx").is_running
