@@ -1,21 +1,32 @@
-"""Check the documentation's links and the tests it names (`make lint`).
+"""Check the documentation's links, the tests it names and the proof of each claim of docs/.
 
-    python tools/docs_check.py
+    python tools/docs_check.py    # `make lint` runs it
 
 Reads README.md, proxy_app/README.md and docs/*.md, and prints one line per problem
 (`file:line: what`), exiting 1 when there is any:
 
-- a relative Markdown link, `[text](path)` or `[text](path#anchor)`, whose path does not exist
-  next to the file, or whose anchor (also a bare `[text](#anchor)`) is no heading of the target
-  file by GitHub's rule (lower case, punctuation but hyphens and underscores dropped, spaces to
-  hyphens, a repeated heading numbered `-1`, `-2`...); http(s) and mailto links are not
-  followed;
+- a relative Markdown link, `[text](path)` or `[text](path#anchor)` (its text may wrap onto
+  the next line), whose path does not exist next to the file, or whose anchor (also a bare
+  `[text](#anchor)`) is no heading of the target file by GitHub's rule (lower case,
+  punctuation but hyphens and underscores dropped, spaces to hyphens, a repeated heading
+  numbered `-1`, `-2`...); http(s) and mailto links are not followed;
 - a test function named in the text (`test_...`, in backticks or not) that no
   `def test_...` or `async def test_...` under tests/ or molecule/ defines: a sentence that
   says which test proves it must name one that exists;
 - a test file named in the text (`test_*.py`, `tests/....py`) that exists neither at that path
   from the repository's root nor as the end of a path under tests/ or molecule/ (the docs say
-  `tests/test_limits.py` of a scenario's `molecule/cluster/tests/test_limits.py`).
+  `tests/test_limits.py` of a scenario's `molecule/cluster/tests/test_limits.py`);
+- in docs/*.md only (the README is a map into docs/; the gateway's names its tests section by
+  section), a paragraph or unordered list item that proves nothing: each must name a test (a
+  `test_...` function or a test file, which the rules above check exist), link to what proves
+  it (a Markdown page or heading, or a `tests/` folder or file of tests that are not Python,
+  such as promtool's), or say plainly that it is "not tested" (or "not exercised"), so that
+  every behavioural sentence has its proof, or says it has none, next to it. Not claims, and
+  not checked: headings, tables, fenced code, HTML comment lines, the generated blocks between
+  `<!-- NAME:begin` and `<!-- NAME:end -->` (their results file is their proof), ordered-list
+  items (steps to follow) and a paragraph or item that ends with ":" (it introduces what
+  follows). A paragraph is consecutive non-blank lines; a list item runs from its `- ` or `* `
+  line to the next item, blank line or heading.
 
 Links inside fenced code blocks and inline code are not links, and are not followed; test
 names are checked everywhere, code included.
@@ -41,6 +52,9 @@ _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 _TEST_FILE = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*test_\w+\.py|tests/[\w./-]+\.py)\b")
 _TEST_NAME = re.compile(r"\btest_\w+")
 _DEF = re.compile(r"^\s*(?:async\s+)?def\s+(test_\w+)\s*\(", re.M)
+_GENERATED = re.compile(r"^<!--\s*[\w-]+:(begin|end)\b")
+_ITEM = re.compile(r"^\s*(?:([-*])|\d+[.)])\s+")  # group 1: unordered
+_NOT_TESTED = re.compile(r"\b[Nn]ot (?:tested|exercised)\b")
 
 
 @dataclass(frozen=True)
@@ -115,27 +129,45 @@ def _file_exists(name: str, root: Path, files: list[str]) -> bool:
     return any(f == name or f.endswith("/" + name) for f in files)
 
 
+def _links(text: str) -> Iterable[tuple[int, str]]:
+    """(line, target) of every link outside code, a link whose text wraps onto the next line
+    included: the text outside fences is read paragraph by paragraph, inline code blanked."""
+    paragraphs: list[tuple[int, list[str]]] = []
+    previous = 0
+    for number, line in _lines_outside_code(text):
+        if not line.strip():
+            continue
+        if number != previous + 1 or not paragraphs:
+            paragraphs.append((number, []))
+        paragraphs[-1][1].append(line)
+        previous = number
+    for first, lines in paragraphs:
+        joined = "\n".join(lines)
+        blanked = _INLINE_CODE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), joined)
+        for match in _LINK.finditer(blanked):
+            yield first + blanked.count("\n", 0, match.start()), match.group(1)
+
+
 def check_links(path: Path, text: str) -> list[Problem]:
     problems = []
     cache: dict[Path, set[str]] = {}
-    for number, line in _lines_outside_code(text):
-        for target in _LINK.findall(_INLINE_CODE.sub("", line)):
-            if re.match(r"^(https?:|mailto:)", target, re.I):
-                continue
-            file_part, _, anchor = target.partition("#")
-            linked = (path.parent / file_part).resolve() if file_part else path
-            if not linked.exists():
-                problems.append(Problem(path, number, f"link to a missing file: {target}"))
-                continue
-            if not anchor:
-                continue
-            if linked.is_dir() or linked.suffix.lower() != ".md":
-                problems.append(Problem(path, number, f"anchor into a non-Markdown file: {target}"))
-                continue
-            if linked not in cache:
-                cache[linked] = anchors(text if linked == path else linked.read_text())
-            if anchor not in cache[linked]:
-                problems.append(Problem(path, number, f"link to a missing heading: {target}"))
+    for number, target in _links(text):
+        if re.match(r"^(https?:|mailto:)", target, re.I):
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        if not linked.exists():
+            problems.append(Problem(path, number, f"link to a missing file: {target}"))
+            continue
+        if not anchor:
+            continue
+        if linked.is_dir() or linked.suffix.lower() != ".md":
+            problems.append(Problem(path, number, f"anchor into a non-Markdown file: {target}"))
+            continue
+        if linked not in cache:
+            cache[linked] = anchors(text if linked == path else linked.read_text())
+        if anchor not in cache[linked]:
+            problems.append(Problem(path, number, f"link to a missing heading: {target}"))
     return problems
 
 
@@ -156,6 +188,57 @@ def check_tests(
     return problems
 
 
+def claims(text: str) -> list[tuple[int, str]]:
+    """(first line, text) of every paragraph and unordered list item, which state something;
+    headings, tables, code, comments, generated blocks, numbered steps (instructions) and text
+    that ends with ":" (it introduces what follows) do not."""
+    blocks: list[tuple[int, bool, list[str]]] = []  # (first line, a numbered step?, lines)
+    inside = fenced = generated = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if _FENCE.match(line):
+            fenced, inside = not fenced, False
+            continue
+        marker = _GENERATED.match(line)
+        if marker and not fenced:
+            generated = marker.group(1) == "begin"
+        if (
+            fenced
+            or generated
+            or not line.strip()
+            or _HEADING.match(line)
+            or line.lstrip().startswith(("|", "<!--"))
+        ):
+            inside = False  # ends the paragraph or item
+            continue
+        item = _ITEM.match(line)
+        if item or not inside:
+            blocks.append((number, bool(item and not item.group(1)), []))
+            inside = True
+        blocks[-1][2].append(line.strip())
+    found = [(number, step, " ".join(lines)) for number, step, lines in blocks]
+    return [(number, said) for number, step, said in found if not step and not said.endswith(":")]
+
+
+def proven(text: str) -> bool:
+    """Whether a claim names a test, links to what proves it (a page or heading, which says
+    how, or tests that are no Python, such as promtool's rule tests), or says it is not
+    tested."""
+    if _TEST_NAME.search(text) or _TEST_FILE.search(text) or _NOT_TESTED.search(text):
+        return True
+    for target in _LINK.findall(_INLINE_CODE.sub("", text)):
+        page = target.partition("#")[0]
+        if re.match(r"^(https?|mailto):", page, re.I):
+            continue
+        if not page or page.endswith(".md") or "tests" in Path(page).parts:
+            return True
+    return False
+
+
+def check_claims(path: Path, text: str) -> list[Problem]:
+    what = "proves nothing: name its test, link to its proof or say it is not tested"
+    return [Problem(path, number, what) for number, claim in claims(text) if not proven(claim)]
+
+
 def documents(root: Path) -> list[Path]:
     docs = [root / "README.md", root / "proxy_app" / "README.md"]
     docs += sorted((root / "docs").glob("*.md"))
@@ -170,6 +253,8 @@ def check(root: Path, paths: list[Path]) -> list[Problem]:
         text = path.read_text()
         problems += check_links(path, text)
         problems += check_tests(path, text, root, tests, files)
+        if path.parent == root / "docs":
+            problems += check_claims(path, text)
     return sorted(problems, key=lambda p: (str(p.path), p.line))
 
 
