@@ -13,6 +13,11 @@ over median: what a difference must exceed to be more than noise).
   --routing N A: the working tree with one backend (no `models` in its config); B: the
               same code with N backends for the model (all the same upstream, under
               different names), routed by prefix: what choosing a backend costs
+  --store     A: the working tree with its limits and usage in memory and SQLite; B: the
+              same code with them in Redis (a local redis-server): what sharing them costs
+
+--redis puts both sides' limits and usage in one local redis-server (each its own key
+prefix), as a cluster's gateways run: with --base, what a change costs in Redis mode.
 
 The table goes to stdout and to bench/results/ab-<time>.md and .json (with every round).
 --record also keeps it as the latest comparison of its kind ("client" or "base") in
@@ -21,8 +26,8 @@ render_results, which puts the comparisons after the main tables, and keeps them
 rewrites the file) and runs tools/readme_figures.py. Needs wrk. Not a test: figures depend on
 the machine.
 
-Usage: python bench/ab.py (--client | --base REV | --routing N) [--concurrency 1,8] [--rounds 4]
-                          [--duration 5] [--warmup 2] [--record]
+Usage: python bench/ab.py (--client | --base REV | --routing N | --store) [--redis]
+                          [--concurrency 1,8] [--rounds 4] [--duration 5] [--warmup 2] [--record]
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ import os
 import platform
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -130,6 +137,25 @@ def base_worktree(rev: str) -> Iterator[tuple[Path, str]]:
 
 
 @contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A local redis-server, without persistence, for the run; yields its URL."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is needed: apt-get install redis-server")
+    workdir.mkdir(parents=True)
+    port = free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--appendonly", "no", "--dir", str(workdir)]
+    with process(args, workdir / "redis.log"):
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"redis-server did not answer on {port} (see {workdir})")
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextlib.contextmanager
 def gateway(side: Side, workdir: Path, upstream_port: int) -> Iterator[str]:
     """One gateway serving ``side``'s code; yields its completion URL."""
     workdir.mkdir(parents=True)
@@ -185,6 +211,16 @@ def verdict(mode: str, cells: list[Cell]) -> str:
             f"Added p50 at {one.conns} connection(s), non-streamed: {added:+.3f} ms "
             f"({s['a_p50_ms']:.3f} -> {s['b_p50_ms']:.3f} ms; the issue's bound: 0.3 ms)."
         )
+    if mode == "store":
+        fewest = min(c.conns for c in cells)
+        added = [
+            f"{'streamed' if c.stream else 'non-streamed'} {s['b_p50_ms'] - s['a_p50_ms']:+.3f} ms"
+            f" ({s['a_p50_ms']:.3f} -> {s['b_p50_ms']:.3f})"
+            for c in cells
+            if c.conns == fewest
+            for s in (c.summary(),)
+        ]
+        return f"Added p50 in Redis at {fewest} connection(s): {'; '.join(added)}."
     if mode == "client":
         rule = f"By the rule (aiohttp within {SWITCH_WITHIN:.0%} on req/s in every cell): "
         worst = min(ratios, key=ratios.__getitem__)
@@ -245,6 +281,8 @@ def main() -> int:
     which.add_argument(
         "--routing", metavar="N", type=int, help="one backend vs N backends routed by prefix"
     )
+    which.add_argument("--store", action="store_true", help="limits in memory vs in Redis")
+    parser.add_argument("--redis", action="store_true", help="both sides' limits in Redis")
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=int, default=5, help="seconds per round")
@@ -275,6 +313,10 @@ def main() -> int:
             mode, title = "routing", f"one backend vs {args.routing} backends (prefix routing)"
             a = Side("the gateway with one backend", REPO, "builtin")
             b = Side(f"the gateway with {args.routing} backends", REPO, "builtin", {"models": None})
+        elif args.store:
+            mode, title = "store", "limits and usage in memory vs in Redis"
+            a = Side("the gateway, limits in memory", REPO, "builtin")
+            b = Side("the gateway, limits in Redis", REPO, "builtin", {})
         else:
             path, sha = stack.enter_context(base_worktree(args.base))
             mode, title = "base", f"the gateway at {sha} vs the working tree"
@@ -286,12 +328,18 @@ def main() -> int:
             process([py, str(BENCH / "upstream.py"), str(up_port)], workdir / "upstream.log")
         )
         wait_http(f"http://127.0.0.1:{up_port}/health", 60, upstream, "upstream")
-        if b.config is not None:
+        if args.redis or args.store:
+            url = stack.enter_context(redis_server(workdir / "redis"))
+            for side, prefix in ((a, "a:"), (b, "b:")):
+                if args.redis or side is b:
+                    side.config = {**(side.config or {}), "redis_url": url, "redis_prefix": prefix}
+                    side.label += " (Redis)" if args.redis else ""
+        if args.routing:
             backends = [
                 {"name": f"gpu{i}/tiny", "host": "127.0.0.1", "port": up_port}
                 for i in range(args.routing)
             ]
-            b.config = {"models": [{"name": "tiny", "backends": backends}]}
+            b.config = {**(b.config or {}), "models": [{"name": "tiny", "backends": backends}]}
         urls = (
             stack.enter_context(gateway(a, workdir / "A", up_port)),
             stack.enter_context(gateway(b, workdir / "B", up_port)),

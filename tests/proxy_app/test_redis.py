@@ -118,6 +118,35 @@ def test_usage_is_in_redis(gateway_factory: GatewayFactory, vllm: Upstream, redi
         client.close()
 
 
+def test_a_request_is_two_scripts_in_redis_and_gives_back_all_it_held(
+    gateway_factory: GatewayFactory, fake: Upstream, redis_url: str
+) -> None:
+    # Admission, then settlement, which also gives back the request's concurrency slots: no
+    # third round trip after the answer. Every kind of hold is taken (slot, tokens per
+    # minute and quota reservations), streamed or not, and none is left behind.
+    a, _ = _pair(
+        gateway_factory, fake, redis_url, concurrent=1, tokens_per_minute=10**6, quota=10**6
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert _post(a, FAKE_CHAT).status_code == 200  # scripts loaded, connections open
+        client.config_resetstat()
+        with a.client(USER_KEY) as c:
+            for stream in (False, True, False, True):
+                r = c.post("/v1/chat/completions", json={**FAKE_CHAT, "stream": stream})
+                assert r.status_code == 200, r.text
+        stats = client.info("commandstats")
+        scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+        assert scripts == 2 * 4, stats
+        for k in client.keys("llmhost:conc:*") + client.keys("llmhost:res:*"):
+            assert client.zcard(k) == 0, k
+        sums = client.keys("llmhost:ressum:*")
+        assert sums, "no reservation was taken: the check proves nothing"
+        assert all(int(client.get(k) or 0) == 0 for k in sums)
+    finally:
+        client.close()
+
+
 def test_redis_gone_is_503_not_unlimited(
     gateway_factory: GatewayFactory, vllm: Upstream, redis_exe: str, tmp_path: Path
 ) -> None:
