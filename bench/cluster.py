@@ -6,7 +6,8 @@ client is `vllm bench serve` (bench/cluster_client.py, piped into the python of 
 gpu host's vLLM venv), as a user would run it: random 64-token prompts, 16-token answers
 (``--ignore-eos``), 150 prompts at 12 requests a second, 4 at a time, streamed. Each path
 is run ``--rounds`` times, the paths interleaved (every path once, then again), so that a
-slow minute of the machine falls on all of them. The direct paths use vLLM's key; the
+slow minute of the machine falls on all of them, each round starting one path further on (no
+path always runs first, or right after the same other). The direct paths use vLLM's key; the
 gateways the demo's admin key (no limit of its own: the run measures the path, not a
 key's limits).
 
@@ -141,7 +142,8 @@ def main() -> int:
     load_start = round(os.getloadavg()[0], 2)
     runs = []
     for round_ in range(1, args.rounds + 1):
-        for path in paths:
+        turn = (round_ - 1) % len(paths)
+        for path in paths[turn:] + paths[:turn]:
             result = bench(client, path["url"], path["key"], args.model, tokenizer_dir)
             run = {"path": path["name"], "kind": path["kind"], "round": round_, **result}
             runs.append(run)
