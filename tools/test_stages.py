@@ -21,8 +21,9 @@ idle; a stage that needs it (``<scenario>-check`` needs ``<scenario>-up``) waits
 That is how the next scenario's hosts are converged while the current one is verified.
 
 Last in the output, since CI shows only the tail of a run: a table of the stages (seconds,
-load average at the start, result), then, for each failed stage, its failed tests with their
-assertion, or the failure lines of its Ansible run. The table goes to
+load average at the start, result) and the disk's free space (at the start, lowest, end),
+then, for each failed stage, its failed tests with their assertion, or the failure lines of
+its Ansible run; a stage whose log could not be written (a full disk) says so. The table goes to
 .cache/test-results/stages.json and, when every stage of the default plan passed, to
 tests/stages.json, from which tools/readme_figures.py then renders the README's test-time
 figure.
@@ -37,6 +38,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -133,10 +135,13 @@ class Stage:
     log: Path = field(default_factory=Path)
     # A Molecule scenario's actions (create, converge, verify...): [name, seconds].
     steps: list[list] = field(default_factory=list)
+    # What went wrong around the stage's commands (its log could not be written: a full
+    # disk), named with its failures at the end.
+    error: str = ""
 
     @property
     def passed(self) -> bool:
-        return self.rc == 0
+        return self.rc == 0 and not self.error
 
 
 def _env(stage: Stage) -> dict[str, str]:
@@ -176,7 +181,11 @@ def _run_command(stage: Stage, command: Command, log, echo: bool, start: float) 
     )
     assert proc.stdout is not None
     for line in proc.stdout:
-        log.write(line)
+        if not stage.error:
+            try:
+                log.write(line)
+            except OSError as e:  # a full disk: the command goes on (its pipe drained)
+                stage.error = f"its log could not be written: {e}"
         step = _MOLECULE_STEP.search(line)
         if step:
             stage.steps.append([step.group(1).decode(), time.monotonic() - start])
@@ -194,7 +203,12 @@ def run(stage: Stage, echo: bool) -> None:
     stage.load_start = os.getloadavg()[0]
     cpu_start = _cpu_times()
     start = time.monotonic()
-    with stage.log.open("wb") as log:
+    try:
+        log = stage.log.open("wb", buffering=0)  # a write that fails fails at once
+    except OSError as e:
+        stage.error = f"its log could not be opened: {e}"
+        log = open(os.devnull, "wb", buffering=0)  # noqa: SIM115 (closed below)
+    with log:
         stage.rc = 0
         for command in [] if stage.skipped else stage.commands:
             stage.rc = _run_command(stage, command, log, echo, start)
@@ -288,7 +302,7 @@ def failed_tests(junit: Path) -> list[str]:
 def failure_lines(stage: Stage) -> list[str]:
     """What failed in a stage: its failed tests, else Ansible's failure lines, else its tail."""
     tests = failed_tests(RESULTS / f"{stage.name}.xml")
-    if tests:
+    if tests or stage.error:  # a log that could not be written is no witness
         return tests
     raw = stage.log.read_text(errors="replace").splitlines() if stage.log.exists() else []
     # Molecule draws a frame of colours and "│" around Ansible's output.
@@ -297,7 +311,31 @@ def failure_lines(stage: Stage) -> list[str]:
     return ansible[-12:] or [line[:FAILURE_CHARS] for line in text[-12:]]
 
 
-def report(stages: list[Stage], skipped: list[str], started: float) -> dict:
+def _disk_free_gib() -> float:
+    return round(shutil.disk_usage(REPO).free / 2**30, 1)
+
+
+class DiskWatch(threading.Thread):
+    """The disk's free space at the start, at its lowest (read every few seconds) and at the
+    end: a run that fills the disk fails in ways that name no test (CI once did)."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        super().__init__(daemon=True)
+        self.every = every
+        self.start_gib = self.lowest_gib = _disk_free_gib()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.lowest_gib = min(self.lowest_gib, _disk_free_gib())
+
+    def result(self) -> dict[str, float]:
+        self.stopped.set()
+        end = _disk_free_gib()
+        return {"start": self.start_gib, "lowest": min(self.lowest_gib, end), "end": end}
+
+
+def report(stages: list[Stage], skipped: list[str], started: float, disk: dict) -> dict:
     total = time.monotonic() - started
     record = {
         "run": {
@@ -309,6 +347,7 @@ def report(stages: list[Stage], skipped: list[str], started: float) -> dict:
             ).stdout.strip(),
         },
         "seconds": round(total),
+        "disk_free_gib": disk,
         "passed": all(s.passed for s in stages) and not skipped,
         "stages": [
             {
@@ -359,6 +398,11 @@ def print_report(record: dict, stages: list[Stage]) -> None:
     for name in record["skipped"]:
         print(f"{name:<18} {'-':>8} {'-':>14} {'-':>9}  not run (a stage it needs failed)")
     print(f"{'total':<18} {record['seconds']:>8}   ({record['seconds'] / 60:.1f} min)")
+    disk = record["disk_free_gib"]
+    print(
+        f"disk free: {disk['start']} GiB at the start, {disk['lowest']} at the lowest,"
+        f" {disk['end']} at the end"
+    )
     failed = [s for s in stages if not s.passed]
     if not failed:
         print("make test: every stage passed")
@@ -367,6 +411,8 @@ def print_report(record: dict, stages: list[Stage]) -> None:
     for s in failed:
         log = s.log.relative_to(REPO) if s.log.is_relative_to(REPO) else s.log
         print(f"stage {s.name} (exit {s.rc}; its whole output: {log}):")
+        if s.error:
+            print(f"  {s.error}")
         for line in failure_lines(s):
             print(f"  FAILED {line}")
     print(f"make test: {len(failed)} stage(s) failed: {', '.join(s.name for s in failed)}")
@@ -385,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = [[_stage(t) for t in g.split("+")] for g in args.plan.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    disk = DiskWatch()
+    disk.start()
     done: list[Stage] = []
     skipped: list[str] = []
     background: dict[str, threading.Thread] = {}
@@ -408,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_output(by_name[name])
     skipped += [s.name for s in done if s.skipped]
     done = [s for s in done if not s.skipped]
-    record = report(done, skipped, started)
+    record = report(done, skipped, started, disk.result())
     rendered = True
     if record["passed"] and args.plan == DEFAULT:
         RECORD.write_text(json.dumps(record, indent=2) + "\n")

@@ -128,9 +128,14 @@ def _vllm_processes(
 def vllm(_vllm_processes: dict[str, _Starting]) -> Upstream:
     """Real vLLM on the CPU serving the tiny model as "tiny" and "other" (one per session)."""
     upstream = _ready(_vllm_processes["vllm"])
-    # /health can be 200 while inference is broken: prove a real completion works.
-    with http(f"http://127.0.0.1:{upstream.port}", timeout=60) as c:
-        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 2})
+    # /health can be 200 while inference is broken: prove a real completion works. With
+    # log-probabilities: vLLM's first request that asks for them pays a one-time setup
+    # (1.6-2.3 s of a quiet core here, against 0.02 s for the next one; measured with
+    # vLLM started as below), which took over 30 s, the test gateways' read timeout, on a
+    # busy machine: the test that first asked for them failed three busy fresh-clone runs.
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 2, "logprobs": 20}
+    with http(f"http://127.0.0.1:{upstream.port}", timeout=120) as c:
+        r = c.post("/v1/completions", json=body)
         assert r.status_code == 200, f"vLLM cannot complete: {r.text}\n{upstream.proc.output()}"
     return upstream
 

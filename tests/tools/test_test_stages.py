@@ -195,3 +195,30 @@ def test_each_stage_says_how_busy_the_cpus_were(driver, monkeypatch) -> None:
     assert 0.5 < busy["spin"] <= 1 and 0 <= busy["sleep"] <= 1, busy
     assert driver._busy_share((100, 400), (250, 600)) == 0.75
     assert driver._busy_share(None, (250, 600)) is None
+
+
+def test_a_full_disk_is_named_and_the_stage_still_runs_to_its_end(driver, capsys) -> None:
+    """CI once ran out of disk mid-stage: the driver's thread died writing the log, and the
+    tail named no cause. /dev/full fails every write with ENOSPC, as a full disk does."""
+    driver.RESULTS.mkdir(parents=True)
+    (driver.RESULTS / "unit.log").symlink_to("/dev/full")
+    assert driver.main(["--plan", "setup,unit"]) == 1
+    out = capsys.readouterr().out
+    tail = "\n".join(out.splitlines()[-6:])
+    assert "its log could not be written: [Errno 28] No space left on device" in tail, tail
+    # Its tests ran on (their JUnit file names the failure), and so did its cleanup.
+    assert "test_the_answer: AssertionError: the answer is off by one" in tail, tail
+    assert "cleaned up after the tests" in out
+    record = json.loads((driver.RESULTS / "stages.json").read_text())
+    assert [s["passed"] for s in record["stages"]] == [True, False]
+    disk = record["disk_free_gib"]
+    assert 0 < disk["lowest"] <= min(disk["start"], disk["end"]), disk
+
+
+def test_a_stage_whose_log_was_lost_has_not_passed(driver, capsys) -> None:
+    driver.RESULTS.mkdir(parents=True)
+    (driver.RESULTS / "lint.log").symlink_to("/dev/full")
+    assert driver.main(["--plan", "setup,lint"]) == 1
+    tail = capsys.readouterr().out.splitlines()[-3:]
+    assert tail[-1] == "make test: 1 stage(s) failed: lint", tail
+    assert "No space left on device" in tail[-2], tail

@@ -95,6 +95,10 @@ def test_an_unknown_model_is_404_model_not_found(user_key):
 # has no reason to spill), the two lanes through the two gateways.
 CONVERSATIONS = 40
 TURNS = 3
+# Requests a second per lane (one lane per gateway): two lanes stay under the scenario's
+# global limit, 100 a second, however fast the hosts answer (a quiet machine answered
+# 1-token turns fast enough for 429s, failing a fresh-clone run).
+LANE_RATE = 40
 _WORDS = [
     "amber",
     "basalt",
@@ -155,16 +159,18 @@ def _turn(phase: str, i: int, turn: int) -> dict[str, Any]:
 
 def _run_workload(urls: list[str], key: str, phase: str, conversations: int) -> list[str]:
     """Every turn of every conversation, each round of turns in a shuffled order; request k
-    through urls[k % len(urls)], one request at a time per URL. The request ids, in order
-    (turn by turn, conversation by conversation)."""
+    through urls[k % len(urls)], one request at a time per URL and at most LANE_RATE a
+    second. The request ids, in order (turn by turn, conversation by conversation)."""
     ids: dict[tuple[int, int], str] = {}
     for turn in range(TURNS):
         order = list(range(conversations))
         random.Random(f"{phase}-order-{turn}").shuffle(order)
         lanes = [order[k :: len(urls)] for k in range(len(urls))]
+        start = time.monotonic()
 
-        def lane(k: int, convs: list[int], turn: int = turn) -> None:
-            for i in convs:
+        def lane(k: int, convs: list[int], turn: int = turn, start: float = start) -> None:
+            for j, i in enumerate(convs):
+                time.sleep(max(0.0, start + j / LANE_RATE - time.monotonic()))
                 r = chat(urls[k], key, _turn(phase, i, turn))
                 assert r.status_code == 200, r.text
                 ids[(i, turn)] = r.headers["x-request-id"]
