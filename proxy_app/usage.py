@@ -9,7 +9,7 @@ Usage is counted per key and period: ``total``, ``month:YYYY-MM`` and ``day:YYYY
   crash or power loss can drop the last commits. ``sqlite_synchronous: full`` adds an fsync
   per request for that case too.
 * Redis, when the gateways share one (``redis_url``): counters in hashes, written by the
-  limiter's settlement script (ratelimit.py) in the same step that frees the request's
+  limiter's settlement script (ratelimit/redis_state.py) in the same step that frees the request's
   reservations. Its durability is Redis' own: run it with ``appendonly yes``.
 
 ``UsageSpool`` holds usage recorded while Redis was unreachable (``redis_failure_mode:
@@ -336,10 +336,16 @@ def _checkpoint(db: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
 _REDIS_TTL: dict[str, int] = {"day": 40 * 86400, "month": 400 * 86400}
 
 
+def redis_usage_key(prefix: str, key_id: str, label: str) -> str:
+    """The Redis hash of a key's usage in one period (``label``: ``day:2026-12-07``...): the
+    one place its format is written (the limiter's quota check reads the same hash)."""
+    return f"{prefix}usage:{key_id}:{label}"
+
+
 def redis_usage_hashes(prefix: str, key_id: str, now: float) -> list[tuple[str, int]]:
     """The Redis hashes a request at ``now`` counts in, each with its TTL (0: none)."""
     return [
-        (f"{prefix}usage:{key_id}:{label}", _REDIS_TTL.get(label.split(":", 1)[0], 0))
+        (redis_usage_key(prefix, key_id, label), _REDIS_TTL.get(label.split(":", 1)[0], 0))
         for label in period_labels(now)
     ]
 
@@ -351,7 +357,7 @@ class RedisUsageStore:
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
-        self._prefix = prefix + "usage:"
+        self._prefix = prefix
 
     async def open(self) -> None:
         await self._redis.ping()
@@ -362,7 +368,7 @@ class RedisUsageStore:
     async def record(self, key: ApiKey, prompt: int, completion: int, now: float) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             for label in period_labels(now):
-                h = f"{self._prefix}{key.key_id}:{label}"
+                h = redis_usage_key(self._prefix, key.key_id, label)
                 pipe.hincrby(h, "requests", 1)
                 pipe.hincrby(h, "prompt_tokens", prompt)
                 pipe.hincrby(h, "completion_tokens", completion)
@@ -375,7 +381,7 @@ class RedisUsageStore:
 
     async def used(self, key: ApiKey, now: float) -> int:
         label = quota_label(key.quota_period, now)
-        v = await self._redis.hget(f"{self._prefix}{key.key_id}:{label}", "tokens")
+        v = await self._redis.hget(redis_usage_key(self._prefix, key.key_id, label), "tokens")
         return int(v or 0)
 
     async def counters(self, key_id: str, labels: list[str]) -> dict[str, Counters]:
@@ -383,7 +389,7 @@ class RedisUsageStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for label in labels:
                 pipe.hmget(
-                    f"{self._prefix}{key_id}:{label}",
+                    redis_usage_key(self._prefix, key_id, label),
                     ["requests", "prompt_tokens", "completion_tokens"],
                 )
             results: list[Any] = await pipe.execute()

@@ -35,7 +35,8 @@ from proxy_harness import (
 from proxy_app.__main__ import main
 from proxy_app.config import KeyDefaults, Reservation
 from proxy_app.keys import KeysFileError, parse_keys
-from proxy_app.ratelimit import Admission, Check, _RedisState, reservation
+from proxy_app.ratelimit import Admission, Check, reservation
+from proxy_app.ratelimit.redis_state import RedisState
 
 # 16 prompt tokens + 5 completion tokens: 21 tokens per answer, one second each.
 SLOW_21 = {
@@ -154,7 +155,7 @@ def test_reservations_of_a_dead_gateway_expire(redis_url: str) -> None:
         from redis.asyncio import Redis
 
         r = Redis.from_url(redis_url)
-        state = _RedisState(r, "llmhost:", lease_ttl=0.5)
+        state = RedisState(r, "llmhost:", lease_ttl=0.5)
         quota = [Check("quota", "quota:k1:total", 100, "quota", "")]
         first, _ = await state.admit(quota, 80, "k1", "total", Admission(lease_id="a"))
         assert first is None
@@ -174,7 +175,7 @@ def test_spooled_usage_is_replayed_once(redis_url: str) -> None:
         from redis.asyncio import Redis
 
         r = Redis.from_url(redis_url)
-        state = _RedisState(r, "llmhost:", lease_ttl=10)
+        state = RedisState(r, "llmhost:", lease_ttl=10)
         for _ in range(2):
             await state.replay("row-1", "k1", "u", 7, 5, time.time())
         assert int(await r.hget("llmhost:usage:k1:total", "tokens")) == 12

@@ -135,7 +135,7 @@ def test_exceeding_the_key_concurrency_gets_429(stack, demo_key):
     assert 200 in codes and 429 in codes, codes
     assert set(codes) == {200, 429}, f"only answers and concurrency refusals expected: {codes}"
     for rejected in (a for a in answers if a["status"] == 429):
-        # What proxy_app/ratelimit.py's rate_limited("concurrency", ...) answers for the
+        # What proxy_app/ratelimit's rate_limited("concurrency", ...) answers for the
         # key's limit: OpenAI's type and code for a request limit; the headers name the
         # key's limit of 4 (the global ones are 32 concurrent and 50/s), so it is this one.
         error = json.loads(rejected["body"])["error"]
