@@ -112,8 +112,8 @@ class Timeouts(_Strict):
     total: Seconds = 900.0
 
 
-class Backend(_Strict):
-    """One vLLM server serving a model."""
+class BackendConfig(_Strict):
+    """One vLLM server serving a model, as configured (routing.Backend is its live state)."""
 
     # A unique label, used in metrics, logs and the admin API: "<host>/<instance>".
     name: Annotated[str, Field(min_length=1, max_length=200)]
@@ -125,7 +125,7 @@ class Model(_Strict):
     """A model clients ask for by name, and the vLLM servers that serve it."""
 
     name: Annotated[str, Field(min_length=1)]
-    backends: Annotated[list[Backend], Field(min_length=1)]
+    backends: Annotated[list[BackendConfig], Field(min_length=1)]
 
 
 class Routing(_Strict):
