@@ -262,16 +262,22 @@ def test_a_conversation_lands_on_the_same_backend_from_either_gateway(affinity):
 # --- load guard ----------------------------------------------------------------------------
 
 
+HOT_ANSWER_TOKENS = 128
+
+
 def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, backends):
     """80% of 400 requests share one prompt start (system prompt and first user message),
-    from 24 clients (12 per gateway) of 48-token answers. By prefix alone its backend would
+    from 24 clients (12 per gateway) of 128-token answers. By prefix alone its backend would
     take about 90% of them (the hot 80% and half the cold); the bounded load spills what
     would put it over (1 + epsilon) x the mean in flight: both gateways spilled some, and it
     took at most 85% (the gateways' own counters of requests per backend, summed over both).
     How far below depends on how busy the clients keep the gateways (with one request or
     none in flight there is nothing to balance), and on both hosts serving: when one host's
     vLLM stalls, its requests pile up in flight and the other rightly takes nearly all (96%,
-    when the test hosts' engines were all pinned to one core)."""
+    when the test hosts' engines were all pinned to one core). The answers are long enough
+    for requests to overlap on a quiet machine too: with 48-token answers a fresh-clone run
+    on a quiet, fast VM had a few requests in flight, below the floor of 2 a backend must
+    have to spill, and the hot host took 89%."""
     tiny = backends["tiny"]
     hot = "You are the hot prefix. " + " ".join(["steady"] * 120)
     rng = random.Random(7)
@@ -283,7 +289,7 @@ def test_a_hot_prefix_does_not_pile_onto_one_host(cluster: Cluster, user_key, ba
         bodies.append(
             {
                 "model": "tiny",
-                "max_tokens": 48,
+                "max_tokens": HOT_ANSWER_TOKENS,
                 "ignore_eos": True,
                 "messages": [
                     {"role": "system", "content": system},
