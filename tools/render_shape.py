@@ -104,8 +104,8 @@ def playbook(repo: Path, work: Path, out: Path) -> Path:
     roll = yaml.safe_load((repo / "playbooks/rolling-update.yml").read_text())[1]
     find = next(t for t in roll["pre_tasks"] if t["name"] == "Find this host's backends")
     roll_vars = {**roll["vars"], **find.get("vars", {})}
-    wanted = [n for n in roll_vars if n.startswith("__roll_") and n not in ("__roll_admin_key",)]
-    wanted = [n for n in wanted if n != "__roll_topology"]
+    # Not the admin key (a secret) nor the whole shape (its parts are what the roll uses).
+    wanted = [n for n in roll_vars if n not in ("__roll_admin_key", "__roll_topology")]
     address = "10.9.0.{{ groups['all'].index(inventory_hostname) + 1 }}"
     plays = [
         {
