@@ -7,6 +7,7 @@ requests made with an admin key.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -15,10 +16,19 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import ApiError, bad_request, method_not_allowed, not_found
+from .errors import (
+    ApiError,
+    backend_not_found,
+    bad_request,
+    http_error,
+    keys_file_refused,
+    method_not_allowed,
+    not_found,
+)
 from .keys import KeyStore, ReloadResult
 from .routing import Router
 from .usage import UsageStore, usage_report
@@ -74,6 +84,12 @@ def _error_response(err: ApiError) -> Response:
     return Response(err.body(), err.status, headers=headers, media_type="application/json")
 
 
+def route_templates(app: FastAPI) -> list[tuple[re.Pattern[str], str]]:
+    """Each admin route's pattern and template (``/admin/backends/{name}/drain``): the
+    endpoint labels of /admin/* in the metrics and the request log."""
+    return [(r.path_regex, r.path_format) for r in app.routes if isinstance(r, APIRoute)]
+
+
 def build_admin_app(
     *,
     keys: KeyStore,
@@ -92,12 +108,7 @@ def build_admin_app(
         """Reload the keys file; a bad file is refused and the keys in force stay."""
         result = await reload_keys("admin")
         if not result.ok:
-            raise ApiError(
-                422,
-                f"Keys file refused, the {result.keys} keys in force stay: {result.message}",
-                "invalid_request_error",
-                "invalid_keys_file",
-            )
+            raise keys_file_refused(result.keys, result.message)
         return {"status": "ok", "keys": result.keys, "message": result.message}
 
     @app.get("/admin/usage", response_model=UsageOut)
@@ -121,12 +132,7 @@ def build_admin_app(
 
     def _backend(name: str, draining: bool | None = None) -> dict[str, Any]:
         if router is None or name not in router.by_name:
-            raise ApiError(
-                404,
-                f"No backend named {name!r}; GET /admin/backends lists them.",
-                "invalid_request_error",
-                "backend_not_found",
-            )
+            raise backend_not_found(name)
         if draining is None:
             return router.by_name[name].state()
         return router.drain(name, draining).state()
@@ -170,8 +176,6 @@ def build_admin_app(
             return _error_response(method_not_allowed(request.method, request.url.path, allowed))
         if exc.status_code == 404:
             return _error_response(not_found(request.url.path))
-        return _error_response(
-            ApiError(exc.status_code, str(exc.detail), "invalid_request_error", "http_error")
-        )
+        return _error_response(http_error(exc.status_code, str(exc.detail)))
 
     return app

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from .admin import build_admin_app
+from .admin import build_admin_app, route_templates
 from .apis import APIS
 from .asgi import (
     ClientAddress,
@@ -37,7 +37,7 @@ from .errors import (
 from .framing import CLIENT_LOST
 from .keys import KeyStore, ReloadResult, require_admin
 from .logs import LEVELS, JsonLog
-from .metrics import Metrics, endpoint_label
+from .metrics import EndpointLabels, Metrics
 from .outcome import Outcome
 from .proxy import Proxy
 from .ratelimit import Limiter
@@ -72,6 +72,7 @@ class Gateway:
         self.proxy: Proxy | None = None
         self.admin: Any = None
         self.routes: dict[str, tuple[frozenset[str], Handler]] = {}
+        self.endpoint_label = EndpointLabels((), ())
 
     # lifespan
 
@@ -122,6 +123,7 @@ class Gateway:
             "/ready": (_GET, self._ready),
             "/metrics": (_GET, self._metrics),
         }
+        self.endpoint_label = EndpointLabels(self.routes, route_templates(self.admin))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -306,7 +308,7 @@ class Gateway:
             request_id=request_id_from(headers.get(b"x-request-id")),
             method=method,
             path=path,
-            endpoint=endpoint_label(path),
+            endpoint=self.endpoint_label(path),
             client_ip=self.client_address.resolve(
                 client[0] if client else None, headers.get(b"x-forwarded-for")
             ),

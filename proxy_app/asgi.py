@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .apis import APIS, error_body_for
-from .errors import ApiError, Headers, bad_request, too_large
+from .errors import ApiError, GatewayError, Headers, bad_request, too_large
 from .outcome import Outcome
 
 Scope = MutableMapping[str, Any]
@@ -21,7 +21,7 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 JSON = b"application/json"
 
 
-class ClientGone(Exception):
+class ClientGone(GatewayError):
     """The client closed the connection before the request was read."""
 
 

@@ -9,6 +9,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .apis import BY_NAME
+from .errors import GatewayError
+
 PositiveInt = Annotated[int, Field(gt=0)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -18,19 +21,6 @@ QuotaPeriod = Literal["total", "monthly", "daily"]
 class _Strict(BaseModel):
     # A misspelt option must stop the start, not be ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# The endpoints that may have limits of their own, by the names config and keys files use.
-ENDPOINTS = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "embeddings": "/v1/embeddings",
-    "responses": "/v1/responses",
-    "messages": "/v1/messages",
-    "count_tokens": "/v1/messages/count_tokens",
-    "rerank": "/v1/rerank",
-    "score": "/v1/score",
-}
 
 
 class EndpointLimits(_Strict):
@@ -43,11 +33,11 @@ class EndpointLimits(_Strict):
 
 def check_endpoint_names(v: dict[str, EndpointLimits]) -> dict[str, EndpointLimits]:
     """Refuse a misspelt endpoint: its limits would silently never apply."""
-    unknown = sorted(set(v) - set(ENDPOINTS))
+    unknown = sorted(set(v) - set(BY_NAME))
     if unknown:
         raise ValueError(
             f"unknown endpoint {', '.join(map(repr, unknown))}; "
-            f"the endpoints are {', '.join(ENDPOINTS)}"
+            f"the endpoints are {', '.join(BY_NAME)}"
         )
     return v
 
@@ -58,7 +48,7 @@ class RateLimit(_Strict):
     qps: PositiveInt | None = None
     concurrent: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
-    # Per endpoint (chat, completions, embeddings), on top of the limits above.
+    # Per endpoint (by apis.py's names: chat, completions, embeddings...), on top of the above.
     endpoints: dict[str, EndpointLimits] = Field(default_factory=dict)
 
     @field_validator("endpoints")
@@ -228,7 +218,7 @@ class Config(_Strict):
 RELOADABLE = frozenset({"rate_limit", "key_defaults"})
 
 
-class ConfigError(Exception):
+class ConfigError(GatewayError):
     """The configuration cannot be used; the message names the field."""
 
 

@@ -1,15 +1,31 @@
-"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+"""The gateway's errors: one root, and every error a client is answered, in OpenAI's shape
+(``{"error": {"message", "type", "param", "code"}}``), built here and nowhere else.
+
+``GatewayError`` is the root of the gateway's own exceptions: ``ApiError`` (answered to a
+client), upstream.py's ``UpstreamError`` (vLLM failed; proxy.py turns it into an ApiError),
+keys.py's ``KeysFileError`` and config.py's ``ConfigError`` (a file refused; the one in force
+stays), asgi.py's ``ClientGone`` (nobody left to answer). ``except GatewayError`` catches
+what the gateway raised on purpose, and lets a bug through to the 500 handler.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import orjson
 
 Headers = list[tuple[bytes, bytes]]
 
+# Retry-After of the 503s that a restart or a short outage ends.
+_RETRY_SOON = (b"retry-after", b"5")
 
-class ApiError(Exception):
+
+class GatewayError(Exception):
+    """The root of the exceptions the gateway raises on purpose."""
+
+
+class ApiError(GatewayError):
     """An error answered to the client in OpenAI's shape."""
 
     def __init__(
@@ -109,14 +125,74 @@ def too_large(limit: int) -> ApiError:
     )
 
 
+def headers_too_large(what: str) -> ApiError:
+    """431: the request's head is over one of framing.py's limits."""
+    return ApiError(
+        431,
+        f"Request headers are too large: {what}.",
+        "invalid_request_error",
+        "request_headers_too_large",
+        metric_type="headers_too_large",
+    )
+
+
+def model_not_found(model: str) -> ApiError:
+    """404: no backend serves the model asked for."""
+    return ApiError(
+        404,
+        f"The model `{model}` does not exist.",
+        "invalid_request_error",
+        "model_not_found",
+        param="model",
+        metric_type="model_not_found",
+    )
+
+
+def backend_not_found(name: str) -> ApiError:
+    """404 from the admin API: no backend of that name."""
+    return ApiError(
+        404,
+        f"No backend named {name!r}; GET /admin/backends lists them.",
+        "invalid_request_error",
+        "backend_not_found",
+    )
+
+
+def keys_file_refused(keys: int, message: str) -> ApiError:
+    """422 from the admin API's reload: the file is refused, the keys in force stay."""
+    return ApiError(
+        422,
+        f"Keys file refused, the {keys} keys in force stay: {message}",
+        "invalid_request_error",
+        "invalid_keys_file",
+    )
+
+
+def http_error(status: int, detail: str) -> ApiError:
+    """Any other HTTP error of the admin API's framework, in OpenAI's shape."""
+    return ApiError(status, detail, "invalid_request_error", "http_error")
+
+
 def upstream_unavailable(message: str = "The model server is not reachable.") -> ApiError:
-    """503: vLLM refuses connections (down, restarting)."""
+    """503: vLLM refuses connections (down, restarting), or no backend of the model is up."""
+    return ApiError(503, message, "server_error", "upstream_unavailable", headers=[_RETRY_SOON])
+
+
+def limit_store_unavailable(
+    message: str = "The gateway cannot check limits right now; try again shortly.",
+) -> ApiError:
+    """503: the limits cannot be checked (Redis away, or a quota not yet read): refused
+    rather than served without limits."""
+    return ApiError(503, message, "server_error", "limit_store_unavailable", headers=[_RETRY_SOON])
+
+
+def usage_store_unavailable() -> ApiError:
+    """503: the usage could not be recorded; serving without counting would leak quotas."""
     return ApiError(
         503,
-        message,
+        "The gateway could not record usage; the request was not completed.",
         "server_error",
-        "upstream_unavailable",
-        headers=[(b"retry-after", b"5")],
+        "usage_store_unavailable",
     )
 
 
@@ -138,3 +214,107 @@ def internal_error() -> ApiError:
         "server_error",
         "internal_error",
     )
+
+
+# 429s
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's style for x-ratelimit-reset-*: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{secs}s"
+
+
+def rate_limit_headers(kind: str, limit: int, remaining: int, reset_after: float | None) -> Headers:
+    """Retry-After (whole seconds, at least 1) and OpenAI's x-ratelimit-*-``kind`` trio
+    (``kind``: requests or tokens); without ``reset_after`` (a total quota never resets),
+    neither Retry-After nor the reset."""
+    headers: Headers = []
+    if reset_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(reset_after))).encode()))
+    headers.append((f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()))
+    headers.append((f"x-ratelimit-remaining-{kind}".encode(), str(max(0, remaining)).encode()))
+    if reset_after is not None:
+        reset = format_duration(reset_after).encode()
+        headers.append((f"x-ratelimit-reset-{kind}".encode(), reset))
+    return headers
+
+
+def rate_limited(
+    limit_kind: str, scope_label: str, kind: str, limit: int, remaining: int, reset_after: float
+) -> ApiError:
+    """429 rate_limit_exceeded: a limit (``limit_kind``: qps, tpm, concurrency) of
+    ``scope_label`` (this API key, the service...) refused the request; retry after the reset.
+    """
+    what = {
+        "qps": f"requests per second ({limit}/s)",
+        "tpm": f"tokens per minute ({limit}/min)",
+        "concurrency": f"concurrent requests ({limit})",
+    }[limit_kind]
+    return ApiError(
+        429,
+        f"Rate limit reached for {scope_label} on {what}. Please try again in "
+        f"{format_duration(reset_after)}.",
+        # OpenAI's types: "requests" for request limits, "tokens" for token limits.
+        kind,
+        "rate_limit_exceeded",
+        headers=rate_limit_headers(kind, limit, remaining, reset_after),
+        metric_type="rate_limit",
+    )
+
+
+def quota_held(quota: int, used: int, reserved: int, needed: int, remaining: int) -> ApiError:
+    """429 rate_limit_exceeded: what is left of the quota is held by requests in progress;
+    it comes back as they end."""
+    return ApiError(
+        429,
+        f"This API key's quota ({quota} tokens) is held by requests in progress "
+        f"({used} used, {reserved} reserved) and this request may use up to "
+        f"{needed}. Please try again when they have ended.",
+        "tokens",
+        "rate_limit_exceeded",
+        headers=rate_limit_headers("tokens", quota, remaining, 1.0),
+        metric_type="rate_limit",
+    )
+
+
+_PERIODS = {"total": "", "monthly": " for this month", "daily": " for today"}
+
+
+def quota_exceeded(
+    quota: int, used: int, period: str, reset_after: float | None, needed: int | None = None
+) -> ApiError:
+    """429 insufficient_quota: retrying does not help until the period ends (in
+    ``reset_after`` seconds; None for a total quota).
+
+    ``needed``: the request's reservation, when that, not the usage alone, is what does not
+    fit in the quota left.
+    """
+    when = _PERIODS[period]
+    if needed is not None and used < quota:
+        message = (
+            f"This request may use up to {needed} tokens (its prompt and max_tokens), more "
+            f"than the {quota - used} left of your quota{when} ({used} of {quota} "
+            "tokens used). Lower max_tokens or ask your administrator for a larger quota."
+        )
+    else:
+        message = (
+            f"You exceeded your current quota{when} ({used} of {quota} tokens used). "
+            "Ask your administrator for a larger quota."
+        )
+    reset = None if reset_after is None else float(math.ceil(reset_after))
+    return ApiError(
+        429,
+        message,
+        "insufficient_quota",
+        "insufficient_quota",
+        headers=[
+            (b"x-should-retry", b"false"),
+            *rate_limit_headers("tokens", quota, quota - used, reset),
+        ],
+        metric_type="quota",
+    ).with_reason("quota")

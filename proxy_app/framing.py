@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import ApiError, bad_request
+from .errors import ApiError, GatewayError, bad_request, headers_too_large
 
 # The request line and all headers together; nginx's default allows 4 x 8 KiB.
 MAX_HEAD_BYTES = 64 * 1024
@@ -72,17 +72,7 @@ class ClientLost:
             callback()
 
 
-def _headers_too_large(what: str) -> ApiError:
-    return ApiError(
-        431,
-        f"Request headers are too large: {what}.",
-        "invalid_request_error",
-        "request_headers_too_large",
-        metric_type="headers_too_large",
-    )
-
-
-class _Refused(Exception):
+class _Refused(GatewayError):
     """Raised from a parser callback; httptools hands it to uvicorn as a parser error."""
 
 
@@ -127,7 +117,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             # Still reading a request's head after this piece: all of it was head.
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(_headers_too_large(f"more than {MAX_HEAD_BYTES} bytes"))
+                self._refuse(headers_too_large(f"more than {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
@@ -144,7 +134,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > MAX_HEADERS:
-            self._refusal = _headers_too_large(f"more than {MAX_HEADERS} headers")
+            self._refusal = headers_too_large(f"more than {MAX_HEADERS} headers")
             raise _Refused
         super().on_header(name, value)
 

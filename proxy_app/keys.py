@@ -13,15 +13,15 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .apis import BY_NAME
 from .config import (
-    ENDPOINTS,
     Config,
     EndpointLimits,
     KeyDefaults,
     QuotaPeriod,
     check_endpoint_names,
 )
-from .errors import forbidden, unauthorized
+from .errors import GatewayError, forbidden, unauthorized
 
 PositiveInt = Annotated[int, Field(gt=0)]
 KEY_ID_LEN = 12
@@ -111,7 +111,7 @@ class ApiKey:
     endpoints: dict[str, EndpointLimits] | None = None
 
 
-class KeysFileError(Exception):
+class KeysFileError(GatewayError):
     """The keys file cannot be used; the keys in force stay."""
 
 
@@ -159,7 +159,7 @@ def _resolve(entry: KeyEntry, defaults: KeyDefaults) -> ApiKey:
 def _by_path(endpoints: dict[str, EndpointLimits] | None) -> dict[str, EndpointLimits] | None:
     if not endpoints:
         return None
-    return {ENDPOINTS[name]: limits for name, limits in endpoints.items()}
+    return {BY_NAME[name].path: limits for name, limits in endpoints.items()}
 
 
 def _refuse_repeated_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

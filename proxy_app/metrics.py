@@ -1,28 +1,18 @@
 """Prometheus metrics of the gateway, in a registry the app owns.
 
-Label values are bounded: endpoints come from a fixed set (anything else is "other"),
-statuses are HTTP codes, users come from the keys file, error types and rejection reasons
-from the gateway's own vocabulary.
+Label values are bounded: endpoints are the gateway's routes (a route with a name in its
+path by its template; anything else is "other"), statuses are HTTP codes, users come from
+the keys file, error types and rejection reasons from the gateway's own vocabulary.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .apis import APIS
-
-ENDPOINTS = frozenset(
-    {
-        *APIS,
-        "/v1/models",
-        "/health",
-        "/ready",
-        "/metrics",
-        "/admin/reload-keys",
-        "/admin/usage",
-    }
-)
 METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 _LATENCY_BUCKETS = (
@@ -31,9 +21,23 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
-def endpoint_label(path: str) -> str:
-    """The path if the gateway serves it, else "other" (keeps label values bounded)."""
-    return path if path in ENDPOINTS else "other"
+class EndpointLabels:
+    """The endpoint label of a request path: the path of the route that serves it, the
+    template of one with a name in it (``/admin/backends/{name}/drain``), else "other".
+    Templates are tried longest first: ``{name:path}`` in ``/admin/backends/{name}`` would
+    take a drain's path too."""
+
+    def __init__(self, paths: Iterable[str], templates: Iterable[tuple[re.Pattern[str], str]]):
+        self._paths = frozenset(paths)
+        self._templates = tuple(sorted(templates, key=lambda t: -len(t[1])))
+
+    def __call__(self, path: str) -> str:
+        if path in self._paths:
+            return path
+        for pattern, template in self._templates:
+            if pattern.match(path):
+                return template
+        return "other"
 
 
 class Metrics:

@@ -10,23 +10,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from .apis import APIS, Api, anthropic_error_body, body_usage, upstream_error_message
+from .apis import (
+    APIS,
+    BYTES_PER_TOKEN,
+    MAX_TOKENS_FIELDS,
+    Api,
+    anthropic_error_body,
+    body_usage,
+    prompt_estimate,
+    prompt_start,
+    requested_max_tokens,
+    upstream_error_message,
+)
 from .asgi import Receive, Send, read_body, respond
-from .errors import ApiError, bad_request, error_body, upstream_error, upstream_timeout
+from .errors import (
+    ApiError,
+    bad_request,
+    error_body,
+    limit_store_unavailable,
+    upstream_error,
+    upstream_timeout,
+    usage_store_unavailable,
+)
 from .errors import upstream_unavailable as unavailable
 from .keys import ApiKey, KeyStore, check_model
 from .logs import JsonLog, error_text
 from .metrics import Metrics
 from .outcome import Outcome, Tokens
-from .ratelimit import Admission, Limiter, requested_max_tokens
-from .routing import Backend, Router, prompt_start
+from .ratelimit import Admission, Limiter
+from .routing import Backend, Router
 from .stream import ClientWatch, StreamRelay
 from .upstream import (
     UpstreamError,
@@ -37,13 +55,6 @@ from .upstream import (
 from .usage import UsageStore
 
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
-# The admission of the request being handled (set in completion(), read by _charge).
-_ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(
-    "admission", default=None
-)
-# Without a usage chunk (client gone, vLLM dropped), prompt tokens are estimated from the
-# prompt's length: about 4 bytes per token for English text with BPE tokenizers.
-_BYTES_PER_TOKEN = 4
 
 
 @dataclass(slots=True)
@@ -59,25 +70,7 @@ class ParsedRequest:
 
     def prompt_estimate(self) -> int:
         """The prompt's tokens guessed from its length, for when vLLM reports none."""
-        return _prompt_estimate(self.fields)
-
-
-def _prompt_estimate(obj: dict[str, Any]) -> int:
-    size = 0
-    for name in ("system", "instructions", "input"):  # Anthropic's, the Responses API's
-        value = obj.get(name)
-        if value is not None:
-            size += len(orjson.dumps(value))
-    messages = obj.get("messages")
-    if isinstance(messages, list):
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            size += len(orjson.dumps(content)) if content is not None else 0
-            size += 4 * _BYTES_PER_TOKEN  # role and ChatML markers
-    prompt = obj.get("prompt")
-    if prompt is not None:
-        size += len(orjson.dumps(prompt))
-    return max(1, size // _BYTES_PER_TOKEN)
+        return prompt_estimate(self.fields)
 
 
 def parse_request(body: bytes, api: Api) -> ParsedRequest:
@@ -105,7 +98,7 @@ def parse_request(body: bytes, api: Api) -> ParsedRequest:
         stream = False
     elif not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean.", "stream", "invalid_type")
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n"):
+    for name in (*MAX_TOKENS_FIELDS, "n"):
         v = obj.get(name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise bad_request(f"'{name}' must be a positive integer.", name, "invalid_type")
@@ -258,20 +251,11 @@ class Proxy:
             self.log.log(
                 "error", "limit_store_failed", request_id=outcome.request_id, error=error_text(e)
             )
-            raise ApiError(
-                503,
-                "The gateway cannot check limits right now; try again shortly.",
-                "server_error",
-                "limit_store_unavailable",
-                headers=[(b"retry-after", b"5")],
-            ) from None
+            raise limit_store_unavailable() from None
         outcome.admitted()
-        # _charge settles this admission (frees its reservations as it records the usage).
-        held = _ADMISSION.set(admission)
         try:
-            await self._forward(receive, send, outcome, key, req)
+            await self._forward(receive, send, outcome, key, req, admission)
         finally:
-            _ADMISSION.reset(held)
             try:
                 # Slots, and the reservations of a request that was never charged.
                 await self.limiter.release(admission)
@@ -280,9 +264,16 @@ class Proxy:
                 self.log.log("error", "limit_release_failed", error=error_text(e))
 
     async def _forward(
-        self, receive: Receive, send: Send, outcome: Outcome, key: ApiKey, req: ParsedRequest
+        self,
+        receive: Receive,
+        send: Send,
+        outcome: Outcome,
+        key: ApiKey,
+        req: ParsedRequest,
+        admission: Admission,
     ) -> None:
-        """Send the request to vLLM and its answer to the client; charge what it used.
+        """Send the request to vLLM and its answer to the client; charge what it used (which
+        settles ``admission``: its reservations are freed as the usage is recorded).
 
         One watch covers the whole wait, streamed or not, from the request to the last
         chunk: a client that leaves cancels it, vLLM's connection is dropped (vLLM stops
@@ -326,7 +317,7 @@ class Proxy:
                 self._estimated(outcome, watch.gone, stopping)
             problem = upstream_api_error(failure) if failure is not None else None
             try:
-                await self._charge(key, outcome, tokens)
+                await self._charge(admission, key, outcome, tokens)
             except ApiError as e:
                 problem = problem or e
             if stopping:
@@ -346,7 +337,7 @@ class Proxy:
                 outcome.client_left()
             # On failure usage_record_failed is logged with the figures; nobody is left to tell.
             with contextlib.suppress(ApiError):
-                await self._charge(key, outcome, Tokens(req.prompt_estimate(), 0, True))
+                await self._charge(admission, key, outcome, Tokens(req.prompt_estimate(), 0, True))
             if stopping:
                 raise asyncio.CancelledError
             return
@@ -358,7 +349,7 @@ class Proxy:
             return
         self._ttft[endpoint].observe(elapsed)
         self._latency[endpoint].observe(elapsed)
-        await self._charge(key, outcome, self._usage_of_body(outcome, req, body))
+        await self._charge(admission, key, outcome, self._usage_of_body(outcome, req, body))
         await respond(send, outcome, 200, body, resp.header(b"content-type") or b"application/json")
 
     async def _send(self, outcome: Outcome, req: ParsedRequest) -> tuple[UpstreamResponse, Backend]:
@@ -412,7 +403,7 @@ class Proxy:
         )
         self.metrics.usage_estimated.labels("usage_missing").inc()
         # The answer's own length stands in for its tokens: a guess, never zero.
-        return Tokens(req.prompt_estimate(), max(1, len(body) // _BYTES_PER_TOKEN), True)
+        return Tokens(req.prompt_estimate(), max(1, len(body) // BYTES_PER_TOKEN), True)
 
     def _estimated(self, outcome: Outcome, gone: bool, stopping: bool) -> None:
         reason = "client_disconnect" if gone else "server_stopping" if stopping else "stream_cut"
@@ -437,15 +428,15 @@ class Proxy:
             body = openai_error_body(resp.status, body)
         await respond(send, outcome, resp.status, body)
 
-    async def _charge(self, key: ApiKey, outcome: Outcome, tokens: Tokens) -> None:
+    async def _charge(
+        self, admission: Admission, key: ApiKey, outcome: Outcome, tokens: Tokens
+    ) -> None:
         """Store the request's usage durably; only then may the response end."""
         outcome.charged(tokens)
         try:
             # Usage recorded and the admission's reservations freed in one step (one Lua
             # script with Redis); tokens per minute charged with the real count.
-            await self.limiter.settle(
-                _ADMISSION.get(), key, tokens.prompt, tokens.completion, time.time()
-            )
+            await self.limiter.settle(admission, key, tokens.prompt, tokens.completion, time.time())
         except Exception as e:
             # Serving without counting would let quotas leak: the request fails instead, and
             # the log keeps the figures for the operator.
@@ -459,12 +450,7 @@ class Proxy:
                 completion_tokens=tokens.completion,
                 error=error_text(e),
             )
-            raise ApiError(
-                503,
-                "The gateway could not record usage; the request was not completed.",
-                "server_error",
-                "usage_store_unavailable",
-            ) from None
+            raise usage_store_unavailable() from None
         self.metrics.tokens_used(key.user, tokens.prompt, tokens.completion)
 
     async def models(

@@ -32,10 +32,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
-
 from .config import Config, Routing, Timeouts
-from .errors import ApiError
+from .errors import model_not_found, upstream_unavailable
 from .logs import JsonLog
 from .metrics import Metrics
 from .upstream import UpstreamError, UpstreamPool, UpstreamUnavailable
@@ -107,72 +105,6 @@ class Backend:
         return changed
 
 
-def _text(content: Any) -> str:
-    """A message's content as text: a string, or the text parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = (p.get("text") for p in content if isinstance(p, dict))
-        return "".join(t for t in texts if isinstance(t, str))
-    return "" if content is None else orjson.dumps(content).decode()
-
-
-# The shortest text before a message's last paragraph that is taken for a document (or a
-# tool list) and the paragraph for a question about it; shorter, it is an instruction
-# ("Summarize this:") and the whole message decides.
-SHARED_MIN_CHARS = 512
-
-
-def _shared_part(text: str) -> str:
-    """``text`` without its last paragraph (after its last blank line) when what comes before
-    is at least SHARED_MIN_CHARS long: questions about one document, each a conversation of its
-    own, then share a routing key, and the backend whose KV cache holds the document, as the
-    turns of one conversation do. vLLM's cache can only reuse what comes first: a document
-    after the question shares nothing anyway."""
-    cut = text.rfind("\n\n")
-    return text[:cut] if cut >= SHARED_MIN_CHARS else text
-
-
-def prompt_start(fields: dict[str, Any], chars: int) -> str:
-    """The part of a request that decides where its KV cache lives.
-
-    Chat (and Anthropic's messages, the Responses API's input items): the system prompt
-    (``system``, ``instructions``, or the system and developer messages before the first
-    user message) and that user message: every turn of one conversation shares them.
-    Completions, embeddings and a Responses input string: the start of the prompt (of its
-    first item, for a list). That user message or prompt without its last paragraph when
-    what comes before it is long (``_shared_part``): a document and a question about it.
-    """
-    head = fields.get("system", fields.get("instructions"))
-    parts: list[str] = [_text(head)] if head is not None else []
-    messages = fields.get("messages")
-    items = fields.get("input")
-    if messages is None and isinstance(items, list) and items and isinstance(items[0], dict):
-        messages = items  # the Responses API's input items
-    if isinstance(messages, list):
-        size = sum(len(p) for p in parts)
-        for m in messages:
-            if size >= chars:
-                break
-            if not isinstance(m, dict):
-                continue
-            text = _text(m.get("content"))
-            if m.get("role") == "user":
-                parts.append(_shared_part(text))
-                break
-            parts.append(text)
-            size += len(text)
-        return "\x00".join(parts)[:chars]
-    prompt = fields.get("prompt", items)
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch: its first prompt
-    if isinstance(prompt, str):
-        return ("\x00".join([*parts, _shared_part(prompt)]))[:chars]
-    if isinstance(prompt, list):  # token ids
-        return ",".join(str(t) for t in prompt[: chars // 4])
-    return "\x00".join(parts)[:chars]
-
-
 # In flight on one backend (as this gateway counts) that bounded load never calls too many.
 # By the bound alone, at 1 and 0 in flight the capacity is floor(1.2 x 1) = 1: the next
 # request of the same prefix went to the other backend, without its cache, whenever the one
@@ -226,14 +158,7 @@ class Router:
         if backends is None:
             backends = self.models.get(ANY_MODEL)
             if backends is None:
-                raise ApiError(
-                    404,
-                    f"The model `{model}` does not exist.",
-                    "invalid_request_error",
-                    "model_not_found",
-                    param="model",
-                    metric_type="model_not_found",
-                )
+                raise model_not_found(model)
         return backends
 
     def choose(self, model: str, prompt: str, tried: Iterable[Backend] = ()) -> Backend:
@@ -253,14 +178,10 @@ class Router:
         up = [b for b in untried if b.up]
         candidates = [b for b in up if not b.draining] or up or untried
         if not candidates:
-            raise ApiError(
-                503,
+            raise upstream_unavailable(
                 f"No server for the model `{model}` is available right now; try again shortly."
                 if name
-                else "The model server is not reachable.",
-                "server_error",
-                "upstream_unavailable",
-                headers=[(b"retry-after", b"5")],
+                else "The model server is not reachable."
             )
         policy = self.settings.policy
         if len(candidates) == 1:

@@ -18,6 +18,7 @@ from collections import deque
 import httptools
 
 from .config import Timeouts
+from .errors import GatewayError
 
 # A streamed response is read from vLLM no faster than the client takes it: past this many
 # buffered bytes the socket stops being read until the client has caught up.
@@ -26,7 +27,7 @@ _HIGH_WATER = 1 << 20
 _IDLE_EXPIRY = 4.0
 
 
-class UpstreamError(Exception):
+class UpstreamError(GatewayError):
     """vLLM could not be reached or did not answer properly; callers catch a subclass."""
 
     def __init__(self, message: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import sqlite3
 import time
@@ -28,8 +27,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
-
-from .errors import ApiError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -78,45 +75,6 @@ def seconds_to_period_end(period: str, now: float) -> float | None:
     else:
         return None
     return end - now
-
-
-def quota_exhausted(key: ApiKey, used: int, now: float, needed: int | None = None) -> ApiError:
-    """429 insufficient_quota: retrying does not help until the period ends.
-
-    ``needed``: the request's reservation, when that, not the usage alone, is what does not
-    fit in the quota left.
-    """
-    headers = [
-        (b"x-should-retry", b"false"),
-        (b"x-ratelimit-limit-tokens", str(key.quota).encode()),
-        (b"x-ratelimit-remaining-tokens", str(max(0, (key.quota or 0) - used)).encode()),
-    ]
-    left = seconds_to_period_end(key.quota_period, now)
-    if left is not None:
-        headers.append((b"retry-after", str(math.ceil(left)).encode()))
-        headers.append((b"x-ratelimit-reset-tokens", f"{math.ceil(left)}s".encode()))
-    period = {"total": "", "monthly": " for this month", "daily": " for today"}[key.quota_period]
-    assert key.quota is not None
-    if needed is not None and used < key.quota:
-        message = (
-            f"This request may use up to {needed} tokens (its prompt and max_tokens), more "
-            f"than the {key.quota - used} left of your quota{period} ({used} of {key.quota} "
-            "tokens used). Lower max_tokens or ask your administrator for a larger quota."
-        )
-    else:
-        message = (
-            f"You exceeded your current quota{period} ({used} of {key.quota} tokens used). "
-            "Ask your administrator for a larger quota."
-        )
-    err = ApiError(
-        429,
-        message,
-        "insufficient_quota",
-        "insufficient_quota",
-        headers=headers,
-        metric_type="quota",
-    )
-    return err.with_reason("quota")
 
 
 class UsageStore(Protocol):

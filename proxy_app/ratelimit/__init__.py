@@ -50,7 +50,8 @@ spools usage to SQLite until a background task has replayed it into Redis.
 
 The package: ``plan`` (the reservation, the checks, the admission, the 429), ``memory`` (the
 limits of one process), ``redis_state`` (the shared limits; its scripts in ``lua/``),
-``limiter`` (which takes each decision where, and local mode).
+``limiter`` (which takes each decision where: in this process' memory, in Redis, or in local
+mode; each is a ``plan.Holder`` that settles and releases the admissions it took).
 """
 
 from .limiter import Limiter
@@ -58,9 +59,6 @@ from .plan import (
     GLOBAL,
     Admission,
     Check,
-    format_duration,
-    rate_limited,
-    requested_max_tokens,
     reservation,
 )
 
@@ -69,8 +67,5 @@ __all__ = [
     "Admission",
     "Check",
     "Limiter",
-    "format_duration",
-    "rate_limited",
-    "requested_max_tokens",
     "reservation",
 ]

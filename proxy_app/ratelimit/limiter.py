@@ -11,12 +11,19 @@ import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..config import ENDPOINTS, RateLimit, Reservation
-from ..errors import ApiError
+from ..apis import APIS
+from ..config import RateLimit, Reservation
+from ..errors import (
+    ApiError,
+    limit_store_unavailable,
+    quota_exceeded,
+    quota_held,
+    rate_limited,
+)
 from ..logs import error_text
-from ..usage import UsageSpool, UsageStore, quota_exhausted, quota_label
+from ..usage import UsageSpool, UsageStore, quota_label, seconds_to_period_end
 from .memory import MemoryState
-from .plan import GLOBAL, Admission, Check, Refusal, rate_limited, reservation
+from .plan import GLOBAL, Admission, Check, Refusal, reservation
 from .redis_state import RedisState, is_redis_down
 
 if TYPE_CHECKING:
@@ -25,8 +32,6 @@ if TYPE_CHECKING:
 
     from ..keys import ApiKey
     from ..logs import JsonLog
-
-_ENDPOINT_NAMES = {path: name for name, path in ENDPOINTS.items()}
 
 
 class Limiter:
@@ -50,8 +55,9 @@ class Limiter:
         self._global = global_limits
         self.usage = usage
         self.reservation_settings = reservation or Reservation()
-        self._memory = MemoryState()
         self._redis = RedisState(redis, prefix, lease_ttl) if redis is not None else None
+        self._in_memory = _InMemory(usage)
+        self._shared = _Shared(self._redis, self) if self._redis is not None else None
         self.failure_mode = failure_mode
         self.gateway_count = gateway_count
         self.spool = spool
@@ -59,8 +65,7 @@ class Limiter:
         self._gauge = local_gauge
         # Local mode: Redis is away, limits are this process' share.
         self.local = False
-        self._local = MemoryState()
-        self._local_used: dict[tuple[str, str], int] = {}
+        self._local = _Local(self)
         # The quota usage Redis last reported per (key, period): the base of a local share.
         self._quota_seen: dict[tuple[str, str], int] = {}
         self._plans: dict[tuple[int, str], tuple[ApiKey, list[Check]]] = {}
@@ -106,7 +111,8 @@ class Limiter:
         k = "key:" + key.key_id
         ke = k + ":" + endpoint
         ge = GLOBAL + ":" + endpoint
-        name = _ENDPOINT_NAMES.get(endpoint, endpoint)
+        api = APIS.get(endpoint)
+        name = api.name if api is not None else endpoint
         kl = key.endpoints.get(endpoint) if key.endpoints else None
         gl = g.endpoints.get(name)
         on = f" on {endpoint}"
@@ -148,23 +154,26 @@ class Limiter:
         if label or any(c.kind == "tpm" for c in checks):
             amount = reservation(fields, endpoint, key.max_tokens, self.reservation_settings)
         adm = Admission(lease_id=os.urandom(12).hex() if checks else "")
-        if self._redis is None:
+        if self._shared is None:
+            adm.holder = self._in_memory
             if checks:
                 # Served from the store's cache: no await suspends between this read and
                 # the check-and-take below, so no settlement can slip in between.
                 used = await self.usage.used(key, now) if label else 0
-                refusal = self._memory.admit(checks, amount, used, adm)
+                refusal = self._in_memory.state.admit(checks, amount, used, adm)
                 if refusal is not None:
                     raise self._refused(checks, refusal, key, amount, now)
             return adm
         if not self.local:
-            adm.by = "redis"
+            adm.holder = self._shared
             if not checks:
                 return adm
             try:
-                refusal, used = await self._redis.admit(checks, amount, key.key_id, label, adm)
+                refusal, used = await self._shared.redis.admit(
+                    checks, amount, key.key_id, label, adm
+                )
             except Exception as e:
-                if self.failure_mode != "local" or not is_redis_down(e):
+                if not self.can_go_local(e):
                     raise
                 self._go_local(e)
                 adm = Admission(lease_id=adm.lease_id)
@@ -188,21 +197,16 @@ class Limiter:
             base = self._quota_seen.get((key.key_id, label))
             if base is None:
                 # Never read from Redis since this gateway started: what is left is unknown.
-                raise ApiError(
-                    503,
-                    "The gateway cannot check this key's quota right now; try again shortly.",
-                    "server_error",
-                    "limit_store_unavailable",
-                    headers=[(b"retry-after", b"5")],
+                raise limit_store_unavailable(
+                    "The gateway cannot check this key's quota right now; try again shortly."
                 )
             assert key.quota is not None
             left = key.quota - base
             share[0] = replace(checks[0], limit=math.ceil(left / n) if left > 0 else 0)
-            used = self._local_used.get((key.key_id, label), 0)
-        adm.by = "local"
-        adm.state = self._local
+            used = self._local.used.get((key.key_id, label), 0)
+        adm.holder = self._local
         adm.quota_key = (key.key_id, label) if label else None
-        refusal = self._local.admit(share, amount, used, adm)
+        refusal = self._local.state.admit(share, amount, used, adm)
         if refusal is not None:
             if label and refusal.index == 0:
                 refusal.used += base  # the message speaks of the whole quota
@@ -219,24 +223,16 @@ class Limiter:
     ) -> ApiError:
         c = checks[r.index]
         if c.kind == "quota":
+            assert key.quota is not None
             if r.used + min(amount, c.limit) > c.limit or r.used >= c.limit:
-                return quota_exhausted(key, r.used, now, min(amount, key.quota or 0))
+                reset = seconds_to_period_end(key.quota_period, now)
+                needed = min(amount, key.quota)
+                return quota_exceeded(key.quota, r.used, key.quota_period, reset, needed)
             # What is left is held by requests in flight: it comes back as they end.
-            return ApiError(
-                429,
-                f"This API key's quota ({c.limit} tokens) is held by requests in progress "
-                f"({r.used} used, {r.reserved} reserved) and this request may use up to "
-                f"{min(amount, c.limit)}. Please try again when they have ended.",
-                "tokens",
-                "rate_limit_exceeded",
-                headers=[
-                    (b"retry-after", b"1"),
-                    (b"x-ratelimit-limit-tokens", str(c.limit).encode()),
-                    (b"x-ratelimit-remaining-tokens", str(max(0, r.remaining)).encode()),
-                    (b"x-ratelimit-reset-tokens", b"1s"),
-                ],
-                metric_type="rate_limit",
-            ).with_reason("quota_reserved")
+            needed = min(amount, c.limit)
+            return quota_held(c.limit, r.used, r.reserved, needed, r.remaining).with_reason(
+                "quota_reserved"
+            )
         kind = "tokens" if c.kind == "tpm" else "requests"
         return rate_limited(c.kind, c.who, kind, c.limit, r.remaining, r.reset).with_reason(
             c.reason
@@ -245,43 +241,16 @@ class Limiter:
     # settlement
 
     async def settle(
-        self, adm: Admission | None, key: ApiKey, prompt: int, completion: int, now: float
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
     ) -> None:
         """Record a request's usage durably and give back what it holds (its reservations and
         concurrency slots: vLLM's part of it is over), in one step: in Redis, one script."""
-        if adm is None:
-            by = "memory" if self._redis is None else "local" if self.local else "redis"
-            adm = Admission(by=by)
         if adm.settled:
             # Charged once already: record the usage, nothing more is reserved.
-            adm = Admission(by=adm.by, state=adm.state)
+            adm = Admission(holder=adm.holder, quota_key=adm.quota_key)
         adm.settled = True
-        if adm.by == "redis":
-            assert self._redis is not None
-            try:
-                await self._redis.settle(adm, key.key_id, key.user, prompt, completion, now)
-                return
-            except Exception as e:
-                if self.failure_mode != "local" or not is_redis_down(e):
-                    raise
-                self._go_local(e)
-                # Its Redis reservations expire by themselves; the usage goes to the spool.
-        if self._redis is not None:
-            assert self.spool is not None
-            self.spool.record(key.key_id, key.user, prompt, completion, now)
-            state = adm.state or self._local
-            if adm.quota_key is not None:
-                qk = adm.quota_key
-                self._local_used[qk] = self._local_used.get(qk, 0) + prompt + completion
-            if adm.by == "local":
-                state.unreserve(adm)
-                state.charge(adm, prompt + completion)
-                state.release(adm)
-            return
-        await self.usage.record(key, prompt, completion, now)
-        self._memory.unreserve(adm)
-        self._memory.charge(adm, prompt + completion)
-        self._memory.release(adm)
+        assert adm.holder is not None
+        await adm.holder.settle(adm, key, prompt, completion, now)
 
     async def release(self, adm: Admission) -> None:
         """Give back what a request that was never settled holds (settle() gives it back as
@@ -289,22 +258,21 @@ class Limiter:
         if adm.released:
             return
         adm.released = True
-        if not adm.slots and not adm.reserved:
-            return
-        if adm.by == "redis":
-            assert self._redis is not None
-            await self._redis.release(adm)
-        else:
-            (adm.state or self._memory).release(adm)
+        if (adm.slots or adm.reserved) and adm.holder is not None:
+            await adm.holder.release(adm)
 
     # local mode
+
+    def can_go_local(self, e: BaseException) -> bool:
+        """Whether this failure of Redis turns the gateway to local mode (else it is raised:
+        closed mode refuses, and a bug is a bug)."""
+        return self.failure_mode == "local" and is_redis_down(e)
 
     def _go_local(self, e: BaseException) -> None:
         if self.local:
             return
         self.local = True
-        self._local = MemoryState()
-        self._local_used = {}
+        self._local = _Local(self)
         if self._gauge is not None:
             self._gauge.set(1)
         if self.log is not None:
@@ -355,3 +323,72 @@ class Limiter:
         if self._redis is None or self.local:
             return True
         return bool(await self._redis.redis.ping())
+
+
+# Where an admission is held (plan.Holder), one for each mode.
+
+
+class _InMemory:
+    """No Redis: the limits in this process' memory, usage in the usage store."""
+
+    def __init__(self, usage: UsageStore) -> None:
+        self.usage = usage
+        self.state = MemoryState()
+
+    async def settle(
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+    ) -> None:
+        await self.usage.record(key, prompt, completion, now)
+        self.state.settle(adm, prompt + completion)
+
+    async def release(self, adm: Admission) -> None:
+        self.state.release(adm)
+
+
+class _Shared:
+    """Redis: the limits every gateway shares, and the usage, settled by one script. Redis
+    failing at settlement in local mode: the usage goes to the spool (the admission's Redis
+    reservations expire by themselves)."""
+
+    def __init__(self, redis: RedisState, limiter: Limiter) -> None:
+        self.redis = redis
+        self.limiter = limiter
+
+    async def settle(
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+    ) -> None:
+        try:
+            await self.redis.settle(adm, key.key_id, key.user, prompt, completion, now)
+        except Exception as e:
+            if not self.limiter.can_go_local(e):
+                raise
+            self.limiter._go_local(e)
+            spool = self.limiter.spool
+            assert spool is not None
+            spool.record(key.key_id, key.user, prompt, completion, now)
+
+    async def release(self, adm: Admission) -> None:
+        await self.redis.release(adm)
+
+
+class _Local:
+    """Redis away, local mode (one per time away): this gateway's share of the limits in
+    memory, the quota used meanwhile by key and period, and the usage spooled for replay."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.state = MemoryState()
+        self.used: dict[tuple[str, str], int] = {}
+
+    async def settle(
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+    ) -> None:
+        spool = self.limiter.spool
+        assert spool is not None
+        spool.record(key.key_id, key.user, prompt, completion, now)
+        if adm.quota_key is not None:
+            self.used[adm.quota_key] = self.used.get(adm.quota_key, 0) + prompt + completion
+        self.state.settle(adm, prompt + completion)
+
+    async def release(self, adm: Admission) -> None:
+        self.state.release(adm)

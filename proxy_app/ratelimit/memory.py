@@ -122,6 +122,12 @@ class MemoryState:
                     adm.tpm.append(c.scope)
         return None
 
+    def settle(self, adm: Admission, tokens: int) -> None:
+        """Free the admission's reservations, charge its real tokens, free its slots."""
+        self.unreserve(adm)
+        self.charge(adm, tokens)
+        self.release(adm)
+
     def unreserve(self, adm: Admission) -> None:
         reserved = self.reserved
         for scope, tokens in adm.reserved:

@@ -1,59 +1,29 @@
 """What a request is checked against and what it holds: the reservation of its tokens (an
-estimate of its most), the checks of its key and endpoint, the admission that records what
-was taken, and the 429 that names the limit that refused it."""
+estimate of its most), the checks of its key and endpoint, the refusal that names the one
+that refused it, and the admission that records what was taken and where it is held."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
-from ..apis import APIS
+from ..apis import APIS, PROMPT_FIELDS, requested_max_tokens
 from ..config import Reservation
-from ..errors import ApiError, Headers
 
 if TYPE_CHECKING:
-    from .memory import MemoryState
+    from ..keys import ApiKey
 
 GLOBAL = "global"
 Kind = Literal["quota", "tpm", "qps", "concurrency"]
-
-
-def format_duration(seconds: float) -> str:
-    """OpenAI's style for x-ratelimit-reset-*: ``20ms``, ``1.5s``, ``6m0s``."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    if seconds < 60:
-        return f"{round(seconds, 3):g}s"
-    minutes, secs = divmod(math.ceil(seconds), 60)
-    return f"{minutes}m{secs}s"
 
 
 # Tokens a chat template or a completion's framing adds to a prompt beyond its own bytes
 # (BOS, the assistant's turn marker). Per message, the JSON's own keys ("role", "content")
 # stand in for the template's markers.
 _TEMPLATE_TOKENS = 8
-_PROMPT_FIELDS = (
-    "messages", "prompt", "input", "tools", "functions", "system", "instructions",
-    "query", "documents", "text_1", "text_2", "data_1", "data_2", "queries", "items",
-)  # fmt: skip
-
-
-# Fields naming the most completion tokens: chat and completions (and Anthropic's Messages
-# API), chat's newer name, the Responses API's.
-_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-
-
-def requested_max_tokens(fields: dict[str, Any]) -> tuple[str, int] | None:
-    """The completion tokens a request asks for at most, and the field that says so."""
-    asked = None
-    for name in _MAX_TOKENS_FIELDS:
-        v = fields.get(name)
-        if v is not None and (asked is None or v >= asked[1]):
-            asked = (name, v)
-    return asked
 
 
 def reservation(
@@ -68,7 +38,7 @@ def reservation(
     generate nothing.
     """
     size = 0
-    for name in _PROMPT_FIELDS:
+    for name in PROMPT_FIELDS:
         v = fields.get(name)
         if v is not None:
             size += len(orjson.dumps(v))
@@ -93,6 +63,20 @@ class Check:
     who: str  # the message's "Rate limit reached for <who>"
 
 
+class Holder(Protocol):
+    """Where an admission's slots and reservations are held: this process' memory (no
+    Redis), Redis (shared by every gateway), or this gateway's share in memory (Redis away,
+    local mode). Its settlement and release go back there (limiter.py)."""
+
+    async def settle(
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+    ) -> None:
+        """Record the usage durably and give back what ``adm`` holds."""
+
+    async def release(self, adm: Admission) -> None:
+        """Give back what ``adm`` holds (a request that was never settled)."""
+
+
 @dataclass(slots=True)
 class Admission:
     """What an admitted request holds and must give back: slots and token reservations."""
@@ -104,10 +88,9 @@ class Admission:
     slots: list[str] = field(default_factory=list)
     reserved: list[tuple[str, int]] = field(default_factory=list)
     tpm: list[str] = field(default_factory=list)
-    # Who admitted it: "memory" (no Redis), "redis", or "local" (Redis away, local mode).
-    by: str = "memory"
-    # The local state that admitted it (local mode); its reservations live there.
-    state: MemoryState | None = None
+    # Where they are held, which settles and releases them (set at admission).
+    holder: Holder | None = None
+    # Local mode: the quota counter its usage counts toward in this gateway's share.
     quota_key: tuple[str, str] | None = None
     settled: bool = False
     released: bool = False
@@ -120,39 +103,3 @@ class Refusal:
     reset: float  # seconds
     used: int = 0
     reserved: int = 0
-
-
-def rate_limited(
-    reason: str,
-    scope_label: str,
-    kind: str,
-    limit: int,
-    remaining: int,
-    reset_after: float,
-    extra: Headers | None = None,
-) -> ApiError:
-    """429 in OpenAI's shape with Retry-After and the x-ratelimit-* trio of ``kind``."""
-    retry_after = max(1, math.ceil(reset_after))
-    headers: Headers = [
-        (b"retry-after", str(retry_after).encode()),
-        (f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
-        (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, remaining)).encode()),
-        (f"x-ratelimit-reset-{kind}".encode(), format_duration(reset_after).encode()),
-    ]
-    if extra:
-        headers.extend(extra)
-    what = {
-        "qps": f"requests per second ({limit}/s)",
-        "tpm": f"tokens per minute ({limit}/min)",
-        "concurrency": f"concurrent requests ({limit})",
-    }[reason]
-    return ApiError(
-        429,
-        f"Rate limit reached for {scope_label} on {what}. Please try again in "
-        f"{format_duration(reset_after)}.",
-        # OpenAI's types: "requests" for request limits, "tokens" for token limits.
-        kind,
-        "rate_limit_exceeded",
-        headers=headers,
-        metric_type="rate_limit",
-    )

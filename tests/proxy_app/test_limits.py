@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -27,6 +28,8 @@ from proxy_harness import (
     total_tokens,
     wait_for,
 )
+
+from proxy_app.errors import format_duration
 
 CHAT = TINY_CHAT
 FAKE_CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
@@ -179,6 +182,9 @@ def test_quota_exhausted(gateway_factory: GatewayFactory, vllm: Upstream) -> Non
     assert f"{spent} of {quota} tokens used" in err["message"]
     assert r.headers["x-should-retry"] == "false"
     assert r.headers["x-ratelimit-remaining-tokens"] == str(quota - spent)
+    assert r.headers["x-ratelimit-limit-tokens"] == str(quota)
+    # A total quota never resets: nothing says when to retry.
+    assert "retry-after" not in r.headers and "x-ratelimit-reset-tokens" not in r.headers
     usage = gw.usage(ADMIN_KEY)["user1"]
     assert usage["remaining"] == quota - spent and usage["period_usage"]["total_tokens"] == spent
     assert metric_value(gw.metrics(), "gateway_rejections_total", {"reason": "quota"}) == 1.0
@@ -189,7 +195,13 @@ def test_monthly_quota_says_when_it_resets(gateway_factory: GatewayFactory, vllm
     assert _post(gw).status_code == 200
     r = _post(gw)
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
-    assert int(r.headers["retry-after"]) > 0
+    # Retry-After is the time to the first of next month (UTC); the reset says the same.
+    now = datetime.now(UTC)
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    to_month_end = datetime(year, month, 1, tzinfo=UTC).timestamp() - now.timestamp()
+    retry_after = int(r.headers["retry-after"])
+    assert to_month_end - 60 < retry_after <= to_month_end + 1, (retry_after, to_month_end)
+    assert r.headers["x-ratelimit-reset-tokens"] == format_duration(retry_after)
     assert gw.usage(ADMIN_KEY)["user1"]["period"].startswith("month:")
 
 

@@ -32,11 +32,12 @@ from proxy_harness import (
     wait_http_ok,
 )
 
+from proxy_app.apis import prompt_start
 from proxy_app.config import Config
 from proxy_app.errors import ApiError
 from proxy_app.logs import JsonLog
 from proxy_app.metrics import Metrics
-from proxy_app.routing import Router, prompt_start
+from proxy_app.routing import Router
 
 
 def _start_fake(port: int, log: Path) -> Upstream:
@@ -301,6 +302,19 @@ def test_a_drained_backend_gets_no_new_requests_and_comes_back(fakes, gateway_fa
         assert [b["name"] for b in listing] == ["a/fake", "b/fake", "c/other"]
         r = admin.post("/admin/backends/nope/drain")
         assert r.status_code == 404 and r.json()["error"]["code"] == "backend_not_found"
+    # The metrics count each admin call under its route's template, a name in it or not.
+    text = http(gw.url).get("/metrics").text
+    drains = "/admin/backends/{name}/drain"
+    for endpoint, status, count in [
+        (drains, "403", 1),
+        (drains, "200", 2),
+        (drains, "404", 1),
+        ("/admin/backends/{name}/undrain", "200", 2),
+        ("/admin/backends", "200", 1),
+    ]:
+        labels = {"method": "POST" if "drain" in endpoint else "GET", "endpoint": endpoint}
+        assert metric_value(text, "http_requests_total", labels | {"status": status}) == count
+    assert metric_value(text, "http_requests_total", {"endpoint": "other"}, True) == 0
 
 
 def test_an_unknown_model_is_404_model_not_found_and_reaches_no_backend(fakes, gateway_factory):

@@ -10,9 +10,8 @@ import pytest
 
 from proxy_app.apis import APIS
 from proxy_app.asgi import ClientAddress
-from proxy_app.errors import ApiError
+from proxy_app.errors import ApiError, format_duration
 from proxy_app.proxy import openai_error_body, parse_request
-from proxy_app.ratelimit import format_duration
 from proxy_app.sse import SseScanner
 
 
@@ -92,3 +91,75 @@ def test_client_address() -> None:
     assert ca.resolve("192.0.2.1", b"1.2.3.4") == "192.0.2.1"
     assert ca.resolve("127.0.0.1", None) == "127.0.0.1"
     assert ca.resolve("127.0.0.1", b"garbage") == "127.0.0.1"
+
+
+def test_the_gateways_exceptions_have_one_root_and_its_errors_one_maker() -> None:
+    """Every exception class the gateway defines derives from errors.GatewayError (so
+    ``except GatewayError`` catches what it raises on purpose, and a bug still reaches the
+    500 handler); every ApiError a client is answered is built in errors.py."""
+    import ast
+    import importlib
+    import inspect
+    import pkgutil
+    from pathlib import Path
+
+    import proxy_app
+    from proxy_app.errors import GatewayError
+
+    roots = []
+    for info in pkgutil.walk_packages(proxy_app.__path__, "proxy_app."):
+        if info.name == "proxy_app.__main__":
+            continue
+        module = importlib.import_module(info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            mine = cls.__module__ == info.name and issubclass(cls, BaseException)
+            if mine and not issubclass(cls, GatewayError):
+                roots.append(f"{info.name}.{name}")
+    assert roots == []
+    built = []
+    for path in Path(proxy_app.__file__).parent.rglob("*.py"):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ApiError":
+                built.append(f"{path.name}:{node.lineno}")
+    assert built == []
+
+
+def test_the_gateways_modules_import_each_other_without_a_circle() -> None:
+    """The modules' run-time imports (``if TYPE_CHECKING`` ones aside) form no circle: each
+    module can be read knowing only the ones below it."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+    from pathlib import Path
+
+    import proxy_app
+
+    root = Path(proxy_app.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level and id(node) not in typing_only:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                if node.module:
+                    deps.add(".".join([*base, node.module]))
+                else:  # from . import x
+                    deps.update(".".join([*base, a.name]) for a in node.names)
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as e:
+        raise AssertionError(f"import circle: {e.args[1]}") from None
+    assert order.index("proxy_app.errors") < order.index("proxy_app.apis")
