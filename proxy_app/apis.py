@@ -47,6 +47,10 @@ class Api:
     streams: bool = False
     # Anthropic's error shape and credentials header (x-api-key).
     anthropic: bool = False
+    # Where vLLM reads the request's scheduling priority: its X-Vllm-Priority header (which
+    # wins over the body's field, and is all /v1/messages reads), the body's "priority"
+    # (pooling APIs), or nowhere (token counting runs no model).
+    priority: Literal["header", "body", "none"] = "header"
 
     @property
     def generates(self) -> bool:
@@ -75,7 +79,11 @@ APIS: dict[str, Api] = {
             streams=True,
         ),
         Api(
-            "embeddings", "/v1/embeddings", ("input", (str, list), "a string or an array"), "openai"
+            "embeddings",
+            "/v1/embeddings",
+            ("input", (str, list), "a string or an array"),
+            "openai",
+            priority="body",
         ),
         Api(
             "responses",
@@ -100,10 +108,17 @@ APIS: dict[str, Api] = {
             ("messages", list, "an array of messages"),
             "none",
             anthropic=True,
+            priority="none",
         ),
-        Api("rerank", "/v1/rerank", ("query", (str, dict), "a string or an object"), "openai"),
+        Api(
+            "rerank",
+            "/v1/rerank",
+            ("query", (str, dict), "a string or an object"),
+            "openai",
+            priority="body",
+        ),
         # vLLM's score API takes text_1/text_2, data_1/data_2 or queries/documents|items.
-        Api("score", "/v1/score", None, "openai"),
+        Api("score", "/v1/score", None, "openai", priority="body"),
     )
 }
 # By the names config and keys files use.

@@ -111,6 +111,7 @@ class Gateway:
             metrics=self.metrics,
             log=self.log,
             max_body_bytes=c.max_body_bytes,
+            queue_timeout=c.queue.timeout,
         )
         self.admin = build_admin_app(
             keys=self.keys, usage=self.usage, reload_keys=self.reload_keys, router=self.router

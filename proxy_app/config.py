@@ -109,6 +109,9 @@ class BackendConfig(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     host: str
     port: Port
+    # Requests this gateway sends it at once (its vLLM's --max-num-seqs): the model's
+    # requests past its backends' sum wait in the gateway's fair queue. null: no bound.
+    max_in_flight: PositiveInt | None = None
 
 
 class Model(_Strict):
@@ -116,6 +119,18 @@ class Model(_Strict):
 
     name: Annotated[str, Field(min_length=1)]
     backends: Annotated[list[BackendConfig], Field(min_length=1)]
+
+
+class Queue(_Strict):
+    """Requests waiting in the gateway for a place on a backend of their model (when every
+    backend of the model has max_in_flight): one queue per key, released in turn across
+    keys (a key's weight is its turns in a row), the lower priority (interactive) first."""
+
+    # Longest wait before a 429 (a key's queue_timeout wins).
+    timeout: Seconds = 30.0
+    # Places of a model that batch requests (priority > 0) leave to interactive ones, so
+    # that an interactive request never waits for a batch answer to end (never all of them).
+    interactive_reserve: Annotated[int, Field(ge=0)] = 1
 
 
 class Routing(_Strict):
@@ -137,12 +152,15 @@ class Config(_Strict):
 
     vllm_host: str = "127.0.0.1"
     vllm_port: Port = 8002
+    # The one backend's max_in_flight when models is absent (see BackendConfig).
+    vllm_max_in_flight: PositiveInt | None = None
     # Sent to vLLM as a bearer token when vLLM runs with --api-key (defence in depth).
     vllm_api_key: str | None = None
     # The models and their backends. Absent: one backend, vllm_host:vllm_port, serving
     # whatever model it serves (it answers unknown models itself).
     models: list[Model] | None = None
     routing: Routing = Routing()
+    queue: Queue = Queue()
     fastapi_host: str = "127.0.0.1"
     fastapi_port: Port = 8001
     # Seconds an idle client connection (nginx's) stays open.

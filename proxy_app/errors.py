@@ -318,3 +318,16 @@ def quota_exceeded(
         ],
         metric_type="quota",
     ).with_reason("quota")
+
+
+def queue_timeout(model: str, waited: float) -> ApiError:
+    """429: every place of the model stayed taken for as long as the request may wait."""
+    return ApiError(
+        429,
+        f"The model `{model}` is busy: this request waited {waited:g}s in the gateway's queue "
+        "without a place. Please try again shortly.",
+        "requests",
+        "queue_timeout",
+        headers=[(b"retry-after", b"1")],
+        metric_type="rate_limit",
+    ).with_reason("queue_timeout")

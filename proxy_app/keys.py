@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -25,6 +25,8 @@ from .errors import GatewayError, forbidden, unauthorized
 
 PositiveInt = Annotated[int, Field(gt=0)]
 KEY_ID_LEN = 12
+# vLLM's priority of each class (lower is served first; 0 is vLLM's default).
+PRIORITIES = {"interactive": 0, "batch": 10}
 DEFAULT_MAX_BYTES: int = Config.model_fields["keys_file_max_bytes"].default
 
 
@@ -67,6 +69,14 @@ class KeyEntry(BaseModel):
     # Limits per endpoint (chat, completions, embeddings); replaces key_defaults' whole.
     endpoints: dict[str, EndpointLimits] | None = None
     admin: bool = False
+    # vLLM's priority for this key's requests (lower first): interactive (0), batch (10), or
+    # an integer; what a client sends is overwritten. Its turns in the gateway's queue
+    # (weight) and how long a request may wait there (seconds; default queue.timeout).
+    priority: Literal["interactive", "batch"] | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] = (
+        "interactive"
+    )
+    weight: PositiveInt = 1
+    queue_timeout: Annotated[float, Field(gt=0)] | None = None
 
     @field_validator("endpoints")
     @classmethod
@@ -109,6 +119,9 @@ class ApiKey:
     max_tokens: int | None = None
     # By request path ("/v1/chat/completions"...): the endpoint's own limits for this key.
     endpoints: dict[str, EndpointLimits] | None = None
+    priority: int = 0
+    weight: int = 1
+    queue_timeout: float | None = None
 
 
 class KeysFileError(GatewayError):
@@ -153,6 +166,9 @@ def _resolve(entry: KeyEntry, defaults: KeyDefaults) -> ApiKey:
         admin=entry.admin,
         max_tokens=pick("max_tokens"),
         endpoints=_by_path(entry.endpoints if "endpoints" in given else defaults.endpoints),
+        priority=PRIORITIES[entry.priority] if isinstance(entry.priority, str) else entry.priority,
+        weight=entry.weight,
+        queue_timeout=entry.queue_timeout,
     )
 
 

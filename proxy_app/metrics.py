@@ -141,6 +141,24 @@ class Metrics:
             "locally (redis_failure_mode: local), else 0",
             registry=r,
         )
+        self.queue_length = Gauge(
+            "gateway_queue_length",
+            "Requests waiting in the gateway for a place on a backend of their model, by "
+            "priority class (interactive, batch)",
+            ["priority"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time a request waited in the gateway's queue before it was given a place (those "
+            "that found one free are not counted), by priority class",
+            ["priority"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        for label in ("interactive", "batch"):
+            self.queue_length.labels(label)
+            self.queue_wait.labels(label)
         self.keys_loaded = Gauge("gateway_keys_loaded", "API keys in force", registry=r)
         self.key_reloads = Counter(
             "gateway_key_reloads_total",

@@ -59,6 +59,7 @@ class Outcome:
         "_key_id",
         "_limit",
         "_model",
+        "_queue_ms",
         "_started",
         "_status",
         "_stream",
@@ -105,6 +106,7 @@ class Outcome:
         self._upstream_ms: float | None = None
         self._ttft_ms: float | None = None
         self._backend: str | None = None
+        self._queue_ms: float | None = None
 
     # read
 
@@ -136,6 +138,10 @@ class Outcome:
         """What the request body asked for."""
         self._model = model
         self._stream = stream
+
+    def queued(self, seconds: float) -> None:
+        """The request waited ``seconds`` in the gateway's queue for a place."""
+        self._queue_ms = seconds * 1000
 
     def admitted(self) -> None:
         """Every limit let the request through."""
@@ -217,6 +223,8 @@ class Outcome:
             record["tokens_estimated"] = True
         if self._backend is not None:
             record["backend"] = self._backend
+        if self._queue_ms is not None:
+            record["queue_ms"] = round(self._queue_ms, 3)
         if self._upstream_ms is not None:
             record["upstream_ms"] = round(self._upstream_ms, 3)
         if self._ttft_ms is not None:

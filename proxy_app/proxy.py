@@ -43,6 +43,7 @@ from .keys import ApiKey, KeyStore, check_model
 from .logs import JsonLog, error_text
 from .metrics import Metrics
 from .outcome import Outcome, Tokens
+from .queueing import FairQueue
 from .ratelimit import Admission, Limiter
 from .routing import Backend, Router
 from .stream import ClientWatch, StreamRelay
@@ -67,6 +68,8 @@ class ParsedRequest:
     wants_usage: bool
     fields: dict[str, Any]
     api: Api
+    # vLLM's scheduling priority, sent as X-Vllm-Priority (the key's; None: not sent).
+    priority: int | None = None
 
     def prompt_estimate(self) -> int:
         """The prompt's tokens guessed from its length, for when vLLM reports none."""
@@ -141,6 +144,17 @@ def _cap_max_tokens(req: ParsedRequest, cap: int) -> None:
     req.body = req.body.rstrip()[:-1] + f',"{name}":{cap}}}'.encode()
 
 
+def _set_priority(req: ParsedRequest, priority: int) -> None:
+    """vLLM's priority in the body, where the pooling APIs read it: the key's, whatever the
+    client sent (a client never raises its own)."""
+    sent = "priority" in req.fields
+    req.fields["priority"] = priority
+    if sent:
+        req.body = orjson.dumps(req.fields)
+    else:
+        req.body = req.body.rstrip()[:-1] + b',"priority":%d}' % priority
+
+
 def _anthropic_credentials(headers: dict[bytes, bytes]) -> bytes | None:
     """The key of an Anthropic API request: ``x-api-key``, as Anthropic's clients send it,
     or ``Authorization: Bearer``; both at once must name the same key."""
@@ -211,6 +225,7 @@ class Proxy:
         metrics: Metrics,
         log: JsonLog,
         max_body_bytes: int,
+        queue_timeout: float = 30.0,
     ) -> None:
         self.keys = keys
         self.limiter = limiter
@@ -220,6 +235,7 @@ class Proxy:
         self.metrics = metrics
         self.log = log
         self.max_body = max_body_bytes
+        self.queue_timeout = queue_timeout
         self._ttft = {e: metrics.upstream_ttft.labels(e) for e in APIS}
         self._latency = {e: metrics.upstream_latency.labels(e) for e in (*APIS, "/v1/models")}
 
@@ -242,8 +258,51 @@ class Proxy:
         self.router.backends_of(req.model)  # 404 for a model nobody serves, before any limit
         if key.max_tokens is not None and api.generates:
             _cap_max_tokens(req, key.max_tokens)
+        if api.priority == "body":
+            _set_priority(req, key.priority)
+        elif api.priority == "header":
+            req.priority = key.priority
+        queue = self.router.queue_of(req.model) if api.priority != "none" else None
+        if queue is not None and not await self._wait_for_place(receive, outcome, key, queue):
+            return
         try:
-            admission = await self.limiter.admit(key, endpoint, req.fields, now)
+            await self._admit_and_forward(receive, send, outcome, key, req)
+        finally:
+            if queue is not None:
+                queue.release(key.priority)
+
+    async def _wait_for_place(
+        self, receive: Receive, outcome: Outcome, key: ApiKey, queue: FairQueue
+    ) -> bool:
+        """Take a place of the request's model, waiting in its key's queue while none is
+        free; False when the client left meanwhile (nothing held, nothing to charge)."""
+        watch = ClientWatch(receive, outcome.client_lost)
+        timeout = key.queue_timeout or self.queue_timeout
+        try:
+            waited = await queue.acquire(key.key_id, key.priority, key.weight, timeout)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            outcome.client_left()
+            return False
+        finally:
+            watch.close()
+        if waited:
+            outcome.queued(waited)
+        return True
+
+    async def _admit_and_forward(
+        self,
+        receive: Receive,
+        send: Send,
+        outcome: Outcome,
+        key: ApiKey,
+        req: ParsedRequest,
+    ) -> None:
+        """Check the request against its limits, forward it, give back what it held."""
+        try:
+            admission = await self.limiter.admit(key, outcome.endpoint, req.fields, time.time())
         except ApiError:
             raise
         except Exception as e:
@@ -379,6 +438,7 @@ class Proxy:
                     req.body,
                     request_id=outcome.request_id,
                     streaming=req.stream,
+                    priority=req.priority,
                 )
             except UpstreamUnavailable as e:
                 backend.finish()

@@ -36,6 +36,7 @@ from .config import Config, Routing, Timeouts
 from .errors import model_not_found, upstream_unavailable
 from .logs import JsonLog
 from .metrics import Metrics
+from .queueing import FairQueue
 from .upstream import UpstreamError, UpstreamPool, UpstreamUnavailable
 
 # A backend that serves whatever model is asked (the config names no models): the model
@@ -141,6 +142,21 @@ class Router:
                     )
                     for b in m.backends
                 ]
+        # The models whose every backend has max_in_flight: their places and queues.
+        self.queues: dict[str, FairQueue] = {}
+        bounds = {
+            ANY_MODEL: [config.vllm_max_in_flight] if config.models is None else [],
+            **{m.name: [b.max_in_flight for b in m.backends] for m in config.models or ()},
+        }
+        for model, places in bounds.items():
+            if places and None not in places:
+                self.queues[model] = FairQueue(
+                    model or "*",
+                    sum(places),  # type: ignore[arg-type]
+                    config.queue.interactive_reserve,
+                    metrics.queue_length,
+                    metrics.queue_wait,
+                )
         self.backends = [b for bs in self.models.values() for b in bs]
         self.by_name = {b.name: b for b in self.backends}
         decisions = metrics.routing_decisions
@@ -151,6 +167,11 @@ class Router:
     def named_models(self) -> bool:
         """Whether the config lists the models (else one backend serves any model)."""
         return ANY_MODEL not in self.models
+
+    def queue_of(self, model: str) -> FairQueue | None:
+        """The places and queue of ``model`` (or of the one backend serving any model), if
+        its backends are bounded."""
+        return self.queues.get(model if model in self.models else ANY_MODEL)
 
     def backends_of(self, model: str) -> list[Backend]:
         """The backends serving ``model``; 404 model_not_found if none does."""

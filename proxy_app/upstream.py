@@ -325,11 +325,18 @@ class UpstreamPool:
         return conn
 
     def _request_bytes(
-        self, method: str, path: str, body: bytes | None, request_id: str | None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        request_id: str | None,
+        priority: int | None = None,
     ) -> bytes:
         head = f"{method} {path} HTTP/1.1\r\n".encode() + self._fixed_headers
         if request_id:
             head += b"X-Request-ID: " + request_id.encode() + b"\r\n"
+        if priority is not None:
+            head += b"X-Vllm-Priority: %d\r\n" % priority
         if body is not None:
             head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
             return head + body
@@ -345,14 +352,16 @@ class UpstreamPool:
         streaming: bool = False,
         first_byte_timeout: float | None = None,
         total_timeout: float | None = None,
+        priority: int | None = None,
     ) -> UpstreamResponse:
-        """Send one request and wait for the response headers."""
+        """Send one request and wait for the response headers; ``priority``: vLLM's
+        scheduling priority (X-Vllm-Priority)."""
         t = self.timeouts
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + (total_timeout or t.total)
         header_deadline = min(start + (first_byte_timeout or t.first_byte), deadline)
-        data = self._request_bytes(method, path, body, request_id)
+        data = self._request_bytes(method, path, body, request_id, priority)
         for attempt in (0, 1):
             conn = self._take_idle()
             reused = conn is not None

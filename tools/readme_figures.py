@@ -86,6 +86,12 @@ ALERTS: dict[str, tuple[str, str]] = {
         "(label `reason`), for {for}",
         "raise that limit or the key's, or tell the user",
     ),
+    "LLMGatewayInteractiveQueueing": (
+        "interactive requests wait in the gateway's queue, {threshold} or more on average over "
+        "{window}, for {for}",
+        "the model is busy with interactive work alone: add capacity, raise "
+        "`vllm_max_num_seqs` if the KV cache has room, or give heavy users batch keys",
+    ),
     "VLLMRequestsWaiting": (
         "more than {threshold} requests queue in vLLM for {for}",
         "the model is saturated: lower `max_num_seqs` pressure, add GPUs or hosts, or lower "

@@ -20,7 +20,10 @@ behaviour:
 Every model answers after ``fake_delay`` seconds (a request field, default 0).
 
 GET /_stats (straight to this server, not through the gateway) returns counters and the
-last request body received, so tests can see what the gateway sent and whether it hung up.
+last request body received, so tests can see what the gateway sent and whether it hung up;
+``arrivals`` lists the requests in the order they came: their ``fake_tag`` (a
+request field), the X-Vllm-Priority header, the body's priority, and how many requests
+were being answered with it (itself included).
 
 Run: python fake_upstream.py PORT [ADDRESS]   (ADDRESS: where it listens, 127.0.0.1 by default)
 """
@@ -39,6 +42,8 @@ STATS: dict[str, object] = {
     "last_body": None,
     "last_headers": None,
     "health": "ok",
+    "arrivals": [],
+    "in_flight": 0,
 }
 
 
@@ -113,7 +118,18 @@ async def app(scope, receive, send) -> None:
     STATS["requests"] = int(STATS["requests"]) + 1  # type: ignore[call-overload]
     req = json.loads(body)
     STATS["last_body"] = req
-    STATS["last_headers"] = {k.decode(): v.decode() for k, v in scope["headers"]}
+    STATS["last_headers"] = headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+    arrivals: list = STATS["arrivals"]  # type: ignore[assignment]
+    STATS["in_flight"] = int(STATS["in_flight"]) + 1  # type: ignore[call-overload]
+    tag, priority = req.get("fake_tag"), req.get("priority")
+    arrivals.append([tag, headers.get("x-vllm-priority"), priority, STATS["in_flight"]])
+    try:
+        await _answer(scope, receive, send, path, req)
+    finally:
+        STATS["in_flight"] = int(STATS["in_flight"]) - 1  # type: ignore[call-overload]
+
+
+async def _answer(scope, receive, send, path: str, req: dict) -> None:
     model = req.get("model", "fake")
     usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
     # Any model: answer after ``fake_delay`` seconds (a request in flight for that long).

@@ -35,8 +35,11 @@ def test_one_host_is_its_own_gateway_and_vllm_stays_on_loopback() -> None:
     s = shape({"h": facts("10.0.0.1")}, groups)
     assert s["gateways"] == ["h"] and s["standbys"] == []
     assert s["vllm"]["h"]["address"] == "127.0.0.1"
-    backend = {"name": "h/qwen3-80b", "host": "127.0.0.1", "port": 8002}
-    assert s["backends"] == [{"model": "qwen3-80b", "backend": backend}]
+    # Its vLLM's max_num_seqs is what the gateway sends it at once (the roles' defaults).
+    backend = {"name": "h/qwen3-80b", "host": "127.0.0.1", "port": 8002, "max_in_flight": 256}
+    assert s["backends"] == [
+        {"model": "qwen3-80b", "backend": backend, "scheduling_policy": "fcfs"}
+    ]
     assert s["admin"] == [{"host": "h", "address": "127.0.0.1", "port": 8001}]
     assert topology.listen_address({"h": facts("10.0.0.1")}, groups, "h") == "127.0.0.1"
 
@@ -50,8 +53,15 @@ CLUSTER_GROUPS = {
 
 
 def cluster_hostvars() -> dict:
-    big = {"name": "big", "served_model_name": "big", "port": 8003, "nodes": ["gpu1", "gpu2"]}
-    gpu = {"vllm_served_model_name": "tiny", "vllm_instances": [big]}
+    big = {
+        "name": "big",
+        "served_model_name": "big",
+        "port": 8003,
+        "nodes": ["gpu1", "gpu2"],
+        "max_num_seqs": 4,
+        "scheduling_policy": "priority",
+    }
+    gpu = {"vllm_served_model_name": "tiny", "vllm_instances": [big], "vllm_max_num_seqs": 16}
     return {
         "gpu1": gpu | facts("10.0.0.11"),
         "gpu2": gpu | facts("10.0.0.12"),
@@ -79,13 +89,20 @@ def test_the_cluster_routes_to_private_addresses_and_every_gateway_has_a_standby
         {
             "name": "tiny",
             "backends": [
-                {"name": "gpu1/tiny", "host": "10.0.0.11", "port": 8002},
-                {"name": "gpu2/tiny", "host": "10.0.0.12", "port": 8002},
+                {"name": "gpu1/tiny", "host": "10.0.0.11", "port": 8002, "max_in_flight": 16},
+                {"name": "gpu2/tiny", "host": "10.0.0.12", "port": 8002, "max_in_flight": 16},
             ],
         },
-        {"name": "big", "backends": [{"name": "gpu1/big", "host": "10.0.0.11", "port": 8003}]},
+        {
+            "name": "big",
+            "backends": [
+                {"name": "gpu1/big", "host": "10.0.0.11", "port": 8003, "max_in_flight": 4}
+            ],
+        },
     ]
     assert [b["backend"]["name"] for b in s["backends"]] == ["gpu1/tiny", "gpu1/big", "gpu2/tiny"]
+    # Each instance's own scheduling policy, else the host's (the roles' default: fcfs).
+    assert [b["scheduling_policy"] for b in s["backends"]] == ["fcfs", "priority", "fcfs"]
 
 
 def test_an_instance_over_several_hosts_is_served_by_its_first_node_and_named_after_it() -> None:

@@ -24,18 +24,22 @@ def test_the_demo_clusters_shape_as_the_roles_render_it(tmp_path: Path) -> None:
 
     # Hosts in inventory order: gpu1 10.9.0.1, gpu2 10.9.0.2, gw1, gw2, redis 10.9.0.5.
     models = read("gw1", "llm_proxy")["__llm_proxy_config"]["models"]
+    # Each backend takes its vLLM's max_num_seqs from each gateway (the inventory's 16).
+    gpu1, gpu2 = "10.9.0.1", "10.9.0.2"
     assert models == [
         {
             "name": "tiny",
             "backends": [
-                {"name": "llmhost-demo-gpu1/tiny", "host": "10.9.0.1", "port": 8002},
-                {"name": "llmhost-demo-gpu2/tiny", "host": "10.9.0.2", "port": 8002},
+                {"name": "llmhost-demo-gpu1/tiny", "host": gpu1, "port": 8002, "max_in_flight": 16},
+                {"name": "llmhost-demo-gpu2/tiny", "host": gpu2, "port": 8002, "max_in_flight": 16},
             ],
         },
         # Over both gpu hosts: served by its first node only.
         {
             "name": "other",
-            "backends": [{"name": "llmhost-demo-gpu1/other", "host": "10.9.0.1", "port": 8003}],
+            "backends": [
+                {"name": "llmhost-demo-gpu1/other", "host": gpu1, "port": 8003, "max_in_flight": 16}
+            ],
         },
     ]
     assert read("gw2", "llm_proxy")["__llm_proxy_units"][-1] == "llm-proxy-standby.service"

@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "vllm_served_model_name": "qwen3-80b",
     "vllm_instances": [],
     "vllm_nodes": [],
+    "vllm_max_num_seqs": 256,
+    "vllm_scheduling_policy": "fcfs",
     "llm_proxy_host": "127.0.0.1",
     "llm_proxy_port": 8001,
     "llm_proxy_standby_port": 8011,
@@ -85,6 +87,8 @@ def instances(hostvars: Mapping, host: str) -> list[dict[str, Any]]:
         "served_model_name": served,
         "port": _var(hv, "vllm_port"),
         "nodes": _var(hv, "vllm_nodes"),
+        "max_num_seqs": _var(hv, "vllm_max_num_seqs"),
+        "scheduling_policy": _var(hv, "vllm_scheduling_policy"),
     }
     out = []
     for k, i in enumerate([flat, *_var(hv, "vllm_instances")]):
@@ -100,6 +104,8 @@ def instances(hostvars: Mapping, host: str) -> list[dict[str, Any]]:
                 "unit": "vllm.service" if k == 0 else f"vllm-{i['name']}.service",
                 "served_here": nodes[:1] in ([], [host]),
                 "backend": f"{nodes[0] if nodes else host}/{i['name']}",
+                "max_num_seqs": int(i.get("max_num_seqs") or flat["max_num_seqs"]),
+                "scheduling_policy": i.get("scheduling_policy") or flat["scheduling_policy"],
             }
         )
     return out
@@ -118,8 +124,10 @@ def topology(
       standby's too, for what talks to their admin API on the gateway host;
     - ``vllm``: per gpu host, its vLLM listen ``address`` and its ``instances``;
     - ``backends``: each instance served on a gpu host, as the gateways route to it
-      (``model``, and ``backend``: ``name`` host/instance, ``host``, ``port``), in
-      inventory order; ``models``: each model with its backends.
+      (``model``; ``backend``: ``name`` host/instance, ``host``, ``port``, and
+      ``max_in_flight``, its max_num_seqs: requests each gateway sends it at once; and its
+      vLLM's ``scheduling_policy``), in inventory order; ``models``: each model with its
+      backends.
     """
     gpu = list(groups.get(gpu_group) or [])
     gateways = gateway_hosts(groups, gpu_group, gateway_group)
@@ -142,8 +150,19 @@ def topology(
         vllm[h] = {"address": address, "instances": instances(hostvars, h)}
         for i in vllm[h]["instances"]:
             if i["served_here"]:
-                backend = {"name": f"{h}/{i['name']}", "host": address, "port": i["port"]}
-                backends.append({"model": i["served_model_name"], "backend": backend})
+                backend = {
+                    "name": f"{h}/{i['name']}",
+                    "host": address,
+                    "port": i["port"],
+                    "max_in_flight": i["max_num_seqs"],
+                }
+                backends.append(
+                    {
+                        "model": i["served_model_name"],
+                        "backend": backend,
+                        "scheduling_policy": i["scheduling_policy"],
+                    }
+                )
     models = []
     for name in dict.fromkeys(b["model"] for b in backends):
         models.append(

@@ -70,9 +70,39 @@ def key_problems(keys: list[dict[str, Any]], refused_sha256: list[str]) -> list[
     return problems
 
 
+# vLLM's priority of each class (proxy_app/keys.py's PRIORITIES): 0 is vLLM's default.
+_DEFAULT_PRIORITIES = (None, "interactive", 0)
+
+
+def priority_problems(keys: list[dict[str, Any]], backends: list[dict[str, Any]]) -> list[str]:
+    """Say which keys have a priority that a vLLM serving one of their models would ignore:
+    it runs the fcfs scheduling policy (the topology's backends carry each instance's)."""
+    problems = []
+    for index, entry in enumerate(keys):
+        priority = entry.get("priority")
+        if priority in _DEFAULT_PRIORITIES:
+            continue
+        allowed = entry.get("models")
+        for b in backends:
+            if b["scheduling_policy"] == "priority":
+                continue
+            if allowed is not None and b["model"] not in allowed:
+                continue
+            problems.append(
+                f"llm_proxy_api_keys[{index}] (user {entry.get('user', '?')}) has priority "
+                f"{priority}, but vLLM serves its model {b['model']} on {b['backend']['name']} "
+                f"with the scheduling policy {b['scheduling_policy']}, which ignores "
+                "priorities: set vllm_scheduling_policy: priority on that host (or "
+                "scheduling_policy in its vllm_instances entry), or leave the key's priority out."
+            )
+            break
+    return problems
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "llm_proxy_keys_file": hash_api_keys,
             "llm_proxy_key_problems": key_problems,
+            "llm_proxy_priority_problems": priority_problems,
         }
