@@ -276,6 +276,11 @@ class Proxy:
     ) -> bool:
         """Take a place of the request's model, waiting in its key's queue while none is
         free; False when the client left meanwhile (nothing held, nothing to charge)."""
+        if outcome.client_lost is not None and outcome.client_lost.gone:
+            # Gone already: a watch would cancel this task at once, and a free place is taken
+            # with no await that could deliver that cancellation.
+            outcome.client_left()
+            return False
         watch = ClientWatch(receive, outcome.client_lost)
         timeout = key.queue_timeout or self.queue_timeout
         try:
