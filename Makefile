@@ -24,7 +24,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help deps venv wheelhouse vllm-env tiny-model testbed setup demo demo-down demo-cluster demo-cluster-down test-cluster \
         lint test test-tools test-rules test-gateway test-proxy test-molecule molecule readme-figures \
         test-cuda-install \
-        check bench bench-ab bench-leaving bench-cluster bench-routing clean
+        check bench bench-ab bench-leaving bench-fair bench-cluster bench-routing clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -186,6 +186,12 @@ bench-routing: venv ## Routing policies by vLLM's prefix-cache hits, on the demo
 # On `make demo`'s host: how soon vLLM stops after a client leaves (bench/leaving.json).
 bench-leaving: venv ## How soon vLLM stops after a client leaves, on the demo host (not a test)
 	$(VENV)/bin/python bench/leaving.py
+	$(VENV)/bin/python tools/readme_figures.py
+
+# On this machine: real vLLM on the CPU behind a gateway, a batch key's flood and an
+# interactive key's requests, today's way and with each part of fair sharing (bench/fair.json).
+bench-fair: setup ## Fair sharing under a flood: interactive TTFT and batch throughput (not a test)
+	$(VENV)/bin/python bench/fair.py
 	$(VENV)/bin/python tools/readme_figures.py
 
 clean: demo-down ## Remove the demo host; keep caches

@@ -25,6 +25,9 @@ file or in two is an error naming it. The blocks:
 - ``routing``: the routing policies' prefix-cache hit rates on two workloads, from
   bench/routing.json (written by bench/routing.py, `make bench-routing`, on
   `make demo-cluster`'s hosts);
+- ``fair``: an interactive key's time to first token while a batch key floods the model,
+  today's way and with each part of fair sharing, from bench/fair.json (written by
+  bench/fair.py, `make bench-fair`);
 - ``testtime``: how long `make test` took, stage by stage, from tests/stages.json (written
   by tools/test_stages.py when every stage passed);
 - ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
@@ -124,6 +127,7 @@ MEASURED: dict[str, tuple[str, ...]] = {
     "leaving": ("proxy_app/", "roles/nginx/", "roles/llm_proxy/"),
     "cluster-bench": ("proxy_app/", "roles/"),
     "routing": ("proxy_app/",),
+    "fair": ("proxy_app/",),
     "testtime": (
         "Makefile", "tests/", "molecule/", "tools/", "proxy_app/", "roles/", "playbooks/",
     ),
@@ -314,6 +318,51 @@ def render_leaving(data: dict) -> str:
         f"{run['time_utc'][:10]} on {run['cpus']} CPUs, "
         f"{data['summary']['quiet']['stream']['asked']:,} tokens asked per request; goal "
         f"{data['goal_ms']} ms; figures from `bench/leaving.json`):"
+    )
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n" + "\n".join(lines) + "\n"
+
+
+_FAIR_MODES = {
+    "idle": "the interactive key alone",
+    "today": "under the flood: vLLM first come first served, no queue at the gateway",
+    "vllm_priority": "under the flood: vLLM's priority scheduling alone",
+    "design": "under the flood: vLLM's priority and the gateway's queue",
+    "two_batch_keys": "the same, two batch keys flooding with half the streams each",
+}
+
+
+def render_fair(data: dict) -> str:
+    """The fair-sharing table from bench/fair.json (`make bench-fair`)."""
+    run, goals = data["run"], data["goals"]
+    lines = [
+        "| mode | interactive TTFT p50 | p95 | p95 / idle | batch tokens/s | batch / today |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in data["modes"].items():
+        batch = f"{m['batch_tokens_per_s']:,.0f}" if m["batch_tokens_per_s"] else "-"
+        today = f"{m['batch_vs_today']:.3f}" if "batch_vs_today" in m else "-"
+        lines.append(
+            f"| {_FAIR_MODES[name]} | {m['ttft_p50_ms']:.0f} ms | {m['ttft_p95_ms']:.0f} ms "
+            f"| {m['ttft_p95_vs_idle']:.2f}x | {batch} | {today} |"
+        )
+    met = data["met"]
+    verdict = ", ".join(
+        f"{what} {'met' if met[key] else 'NOT met'}"
+        for key, what in (
+            ("design_ttft_p95_vs_idle", f"p95 within {goals['design_ttft_p95_vs_idle']:g}x idle"),
+            ("design_batch_vs_today", f"batch at least {goals['design_batch_vs_today']:.0%}"),
+            ("batch_share_spread", f"batch keys within {goals['batch_share_spread']:.0%}"),
+        )
+    )
+    answers = data["modes"]["two_batch_keys"]["batch_answers"]
+    text = (
+        f"Fair sharing under a flood (`bench/fair.py`, run {run['time_utc'][:10]} on "
+        f"{run['cpus']} CPUs: real vLLM on the CPU, `--max-num-seqs {run['max_num_seqs']}`, "
+        f"a batch key keeping {run['flood']} streams of {run['batch_tokens']}-token answers "
+        f"going, an interactive key sending an 8-token request {run['interactive_rate']:g} "
+        f"times a second, {run['seconds']:g} s per mode; figures from `bench/fair.json`). "
+        f"The two batch keys got {' and '.join(str(a) for a in answers.values())} answers "
+        f"(spread {data['batch_share_spread']:.0%}). Goals: {verdict}."
     )
     return textwrap.fill(text, WIDTH, break_on_hyphens=False) + "\n\n" + "\n".join(lines) + "\n"
 
@@ -564,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=Path, default=REPO / "tests" / "stages.json")
     parser.add_argument("--cluster", type=Path, default=REPO / "bench" / "cluster.json")
     parser.add_argument("--routing", type=Path, default=REPO / "bench" / "routing.json")
+    parser.add_argument("--fair", type=Path, default=REPO / "bench" / "fair.json")
     parser.add_argument(
         "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
     )
@@ -583,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 render_cluster_bench, json.loads(args.cluster.read_text()), args.cluster,
             ),
             "routing": (render_routing, json.loads(args.routing.read_text()), args.routing),
+            "fair": (render_fair, json.loads(args.fair.read_text()), args.fair),
         }  # fmt: skip
         place_block(pages, "alerts", render_alerts(yaml.safe_load(args.rules.read_text())))
         for name, (render, block_data, source) in blocks.items():
@@ -607,8 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{path} differs from what tools/readme_figures.py renders from {args.results.name}, "
             f"{args.rules.name}, {args.rerun.name}, {args.roll.name}, {args.gap.name}, "
-            f"{args.leaving.name}, {args.stages.name}, {args.cluster.name} and "
-            f"{args.routing.name}: do not "
+            f"{args.leaving.name}, {args.stages.name}, {args.cluster.name}, "
+            f"{args.routing.name} and {args.fair.name}: do not "
             "edit it by hand; "
             "run `python tools/readme_figures.py` (after `make bench`, `make bench-cluster`, "
             "`make bench-routing`, "
