@@ -199,6 +199,35 @@ ROUTING = {
     },
     "prefix_over_round_robin": {"documents": 2.0, "conversations": 2.0},
 }
+
+
+def _fair(p50: float, p95: float, tps: float, vs_idle: float, vs_today: float | None) -> dict:
+    mode = {"ttft_p50_ms": p50, "ttft_p95_ms": p95, "batch_tokens_per_s": tps}
+    mode |= {"ttft_p95_vs_idle": vs_idle, "batch_answers": {"batch0": 10}}
+    return mode | ({"batch_vs_today": vs_today} if vs_today is not None else {})
+
+
+FAIR = {
+    "goals": {
+        "design_ttft_p95_vs_idle": 2.0, "design_batch_vs_today": 0.8, "batch_share_spread": 0.1,
+    },
+    "met": {
+        "design_ttft_p95_vs_idle": True, "design_batch_vs_today": False, "batch_share_spread": True,
+    },
+    "batch_share_spread": 0.05,
+    "run": {
+        "time_utc": "2030-01-02T03:04:05+00:00", "cpus": 4, "max_num_seqs": 4, "flood": 16,
+        "batch_tokens": 128, "interactive_rate": 2.0, "seconds": 30, "commit": "abc1234",
+    },
+    "modes": {
+        "idle": _fair(10, 20, 0, 1.0, None),
+        "today": _fair(500, 800, 3000, 40.0, 1.0),
+        "vllm_priority": _fair(80, 200, 3100, 10.0, 1.033),
+        "design": _fair(12, 30, 2100, 1.5, 0.7),
+        "two_batch_keys": _fair(12, 31, 2000, 1.55, 0.667)
+        | {"batch_answers": {"batch0": 100, "batch1": 95}},
+    },
+}  # fmt: skip
 README = """# project
 
 Prose before.
@@ -238,6 +267,9 @@ The cluster is fast.
 <!-- routing:begin: generated -->
 Routing is perfect.
 <!-- routing:end -->
+<!-- fair:begin: generated -->
+Everyone is served at once.
+<!-- fair:end -->
 """
 
 
@@ -255,6 +287,7 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "stages": tmp_path / "stages.json",
         "cluster": tmp_path / "cluster.json",
         "routing": tmp_path / "routing.json",
+        "fair": tmp_path / "fair.json",
         "docs": tmp_path / "docs",
     }
     paths["docs"].mkdir()
@@ -267,6 +300,7 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     paths["stages"].write_text(json.dumps(STAGES))
     paths["cluster"].write_text(json.dumps(CLUSTER))
     paths["routing"].write_text(json.dumps(ROUTING))
+    paths["fair"].write_text(json.dumps(FAIR))
     paths["rules"].write_text(RULES.read_text())
     return paths
 
@@ -462,6 +496,21 @@ def test_the_routing_table_comes_from_routing_json(sources):
     assert "documents 1.10x, conversations 2.00x (the goal, at least 1.5x on each, not met)" in (
         " ".join(sources["readme"].read_text().split())
     )
+
+
+def test_the_fair_sharing_table_comes_from_fair_json(sources):
+    assert tool(sources).returncode == 0
+    readme = sources["readme"].read_text()
+    assert "Everyone is served at once." not in readme
+    assert (
+        "| under the flood: vLLM's priority and the gateway's queue | 12 ms | 30 ms | 1.50x "
+        "| 2,100 | 0.700 |"
+    ) in readme
+    assert "| the interactive key alone | 10 ms | 20 ms | 1.00x | - | - |" in readme
+    flat = " ".join(readme.split())
+    assert "The two batch keys got 100 and 95 answers (spread 5%)" in flat
+    assert "p95 within 2x idle met, batch at least 80% NOT met, batch keys within 10% met" in flat
+    assert "Measured at commit abc1234" in flat
 
 
 ROUTING_BLOCK = """<!-- routing:begin: generated -->
