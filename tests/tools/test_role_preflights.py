@@ -96,6 +96,16 @@ CASES = {
         {"llm_proxy_api_keys": [{"user": "bob", "key": _good_key(), "key_sha256": _sha("x")}]},
         "parameters are mutually exclusive: key|key_sha256",
     ),
+    "key-priority-fcfs": (
+        {
+            "llm_proxy_api_keys": [
+                {"user": "alice", "key": _good_key()},
+                {"user": "batchjob", "key": _good_key(), "priority": "batch"},
+            ]
+        },
+        "llm_proxy_api_keys[1] (user batchjob) has priority batch, but vLLM serves its model "
+        "qwen3-80b on",
+    ),
     "vllm-key-placeholder": (
         {"vllm_api_key": "change-me-long-random-string"},
         "vllm_api_key is a placeholder",
