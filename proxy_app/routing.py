@@ -128,11 +128,15 @@ class Router:
         self._rr = itertools.count()
         self.models: dict[str, list[Backend]] = {}
         timeouts: Timeouts = config.timeouts
+        # Each model's backends' max_in_flight: its places when every backend has one.
+        bounds: dict[str, list[int | None]] = {}
         if config.models is None:
             pool = UpstreamPool(config.vllm_host, config.vllm_port, timeouts, config.vllm_api_key)
             self.models[ANY_MODEL] = [Backend("vllm", ANY_MODEL, pool, metrics)]
+            bounds[ANY_MODEL] = [config.vllm_max_in_flight]
         else:
             for m in config.models:
+                bounds[m.name] = [b.max_in_flight for b in m.backends]
                 self.models[m.name] = [
                     Backend(
                         b.name,
@@ -142,14 +146,9 @@ class Router:
                     )
                     for b in m.backends
                 ]
-        # The models whose every backend has max_in_flight: their places and queues.
         self.queues: dict[str, FairQueue] = {}
-        bounds = {
-            ANY_MODEL: [config.vllm_max_in_flight] if config.models is None else [],
-            **{m.name: [b.max_in_flight for b in m.backends] for m in config.models or ()},
-        }
         for model, places in bounds.items():
-            if places and None not in places:
+            if None not in places:
                 self.queues[model] = FairQueue(
                     model or "*",
                     sum(places),  # type: ignore[arg-type]
