@@ -22,7 +22,8 @@ JSON = b"application/json"
 
 
 class ClientGone(GatewayError):
-    """The client closed the connection before the request was read."""
+    """The client closed the connection before its request was read, or while it waited in
+    the gateway for a place or a slot (it held nothing: there is nothing to charge)."""
 
 
 def request_id_from(header: bytes | None) -> str:

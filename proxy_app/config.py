@@ -126,8 +126,9 @@ class Queue(_Strict):
     backend of the model has max_in_flight): one queue per key, released in turn across
     keys (a key's weight is its turns in a row), the lower priority (interactive) first."""
 
-    # Longest wait before a 429 (a key's queue_timeout wins).
-    timeout: Seconds = 30.0
+    # Longest wait, for a place or for a slot of a concurrency limit, before a 429 (a key's
+    # queue_timeout wins; 0: never wait).
+    timeout: Annotated[float, Field(ge=0)] = 30.0
     # Places of a model that batch requests (priority > 0) leave to interactive ones, so
     # that an interactive request never waits for a batch answer to end (never all of them).
     interactive_reserve: Annotated[int, Field(ge=0)] = 1

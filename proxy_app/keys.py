@@ -71,12 +71,13 @@ class KeyEntry(BaseModel):
     admin: bool = False
     # vLLM's priority for this key's requests (lower first): interactive (0), batch (10), or
     # an integer; what a client sends is overwritten. Its turns in the gateway's queue
-    # (weight) and how long a request may wait there (seconds; default queue.timeout).
+    # (weight) and how long a request may wait there, for a place or for a slot of a
+    # concurrency limit (seconds; default queue.timeout; 0: never wait, 429 at once).
     priority: Literal["interactive", "batch"] | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] = (
         "interactive"
     )
     weight: PositiveInt = 1
-    queue_timeout: Annotated[float, Field(gt=0)] | None = None
+    queue_timeout: Annotated[float, Field(ge=0)] | None = None
 
     @field_validator("endpoints")
     @classmethod

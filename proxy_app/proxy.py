@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -28,7 +29,7 @@ from .apis import (
     requested_max_tokens,
     upstream_error_message,
 )
-from .asgi import Receive, Send, read_body, respond
+from .asgi import ClientGone, Receive, Send, read_body, respond
 from .errors import (
     ApiError,
     bad_request,
@@ -43,7 +44,7 @@ from .keys import ApiKey, KeyStore, check_model
 from .logs import JsonLog, error_text
 from .metrics import Metrics
 from .outcome import Outcome, Tokens
-from .queueing import FairQueue
+from .queueing import FairQueue, priority_class
 from .ratelimit import Admission, Limiter
 from .routing import Backend, Router
 from .stream import ClientWatch, StreamRelay
@@ -54,6 +55,8 @@ from .upstream import (
     UpstreamUnavailable,
 )
 from .usage import UsageStore
+
+_T = TypeVar("_T")
 
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 
@@ -263,60 +266,7 @@ class Proxy:
         elif api.priority == "header":
             req.priority = key.priority
         queue = self.router.queue_of(req.model) if api.priority != "none" else None
-        if queue is not None and not await self._wait_for_place(receive, outcome, key, queue):
-            return
-        try:
-            await self._admit_and_forward(receive, send, outcome, key, req)
-        finally:
-            if queue is not None:
-                queue.release(key.priority)
-
-    async def _wait_for_place(
-        self, receive: Receive, outcome: Outcome, key: ApiKey, queue: FairQueue
-    ) -> bool:
-        """Take a place of the request's model, waiting in its key's queue while none is
-        free; False when the client left meanwhile (nothing held, nothing to charge)."""
-        if outcome.client_lost is not None and outcome.client_lost.gone:
-            # Gone already: a watch would cancel this task at once, and a free place is taken
-            # with no await that could deliver that cancellation.
-            outcome.client_left()
-            return False
-        watch = ClientWatch(receive, outcome.client_lost)
-        timeout = key.queue_timeout or self.queue_timeout
-        try:
-            waited = await queue.acquire(key.key_id, key.priority, key.weight, timeout)
-        except asyncio.CancelledError:
-            if not watch.gone:
-                raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            outcome.client_left()
-            return False
-        finally:
-            watch.close()
-        if waited:
-            outcome.queued(waited)
-        return True
-
-    async def _admit_and_forward(
-        self,
-        receive: Receive,
-        send: Send,
-        outcome: Outcome,
-        key: ApiKey,
-        req: ParsedRequest,
-    ) -> None:
-        """Check the request against its limits, forward it, give back what it held."""
-        try:
-            admission = await self.limiter.admit(key, outcome.endpoint, req.fields, time.time())
-        except ApiError:
-            raise
-        except Exception as e:
-            # Redis gone: refuse rather than serve without limits and quotas.
-            self.log.log(
-                "error", "limit_store_failed", request_id=outcome.request_id, error=error_text(e)
-            )
-            raise limit_store_unavailable() from None
-        outcome.admitted()
+        admission = await self._wait_for_admission(receive, outcome, key, req, queue)
         try:
             await self._forward(receive, send, outcome, key, req, admission)
         finally:
@@ -326,6 +276,94 @@ class Proxy:
             except Exception as e:
                 # The lease expires by itself (request timeout + margin).
                 self.log.log("error", "limit_release_failed", error=error_text(e))
+            if queue is not None:
+                queue.release(key.priority)
+
+    async def _wait_for_admission(
+        self,
+        receive: Receive,
+        outcome: Outcome,
+        key: ApiKey,
+        req: ParsedRequest,
+        queue: FairQueue | None,
+    ) -> Admission:
+        """Take a place of the request's model (waiting in its key's queue while none is
+        free), then pass every limit. Over a concurrency limit (its key's, the service's),
+        the request gives its place back, waits for a slot of that limit and tries again: a
+        short dip in capacity (a rolling update, a slow backend) delays requests rather than
+        refusing them. All its waiting is bounded by its key's queue timeout, then 429 (the
+        limit's refusal, or queue_timeout). ClientGone when the client left meanwhile: it
+        held nothing and is charged nothing."""
+        timeout = key.queue_timeout if key.queue_timeout is not None else self.queue_timeout
+        start = time.monotonic()
+        deadline = start + timeout
+        waited = False
+        label = priority_class(key.priority)
+        while True:
+            if queue is not None:
+                place = queue.acquire(key.key_id, key.priority, key.weight, timeout, start)
+                took = await self._unless_client_leaves(receive, outcome, place)
+                waited = waited or took > 0
+            try:
+                admission = await self._admit(key, outcome, req)
+            except BaseException as e:
+                if queue is not None:
+                    queue.release(key.priority)
+                if not isinstance(e, ApiError) or time.monotonic() >= deadline:
+                    raise
+                scope = self.limiter.slot_scope(key, outcome.endpoint, e)
+                if scope is None:
+                    raise
+            else:
+                break
+            self.metrics.queue_length.labels(label).inc()
+            try:
+                freed = self.limiter.slot_freed(scope, deadline - time.monotonic())
+                await self._unless_client_leaves(receive, outcome, freed)
+            finally:
+                self.metrics.queue_length.labels(label).dec()
+            waited = True
+        outcome.admitted()
+        if waited:
+            seconds = time.monotonic() - start
+            outcome.queued(seconds)
+            self.metrics.queue_wait.labels(label).observe(seconds)
+        return admission
+
+    async def _unless_client_leaves(
+        self, receive: Receive, outcome: Outcome, wait: Awaitable[_T]
+    ) -> _T:
+        """``wait``'s result; ClientGone when the client left meanwhile (``wait`` is then
+        cancelled: it must hold nothing once cancelled)."""
+        if outcome.client_lost is not None and outcome.client_lost.gone:
+            # Gone already: a watch would cancel this task at once, and a free place is taken
+            # with no await that could deliver that cancellation.
+            if asyncio.iscoroutine(wait):
+                wait.close()
+            raise ClientGone
+        watch = ClientWatch(receive, outcome.client_lost)
+        try:
+            return await wait
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            raise ClientGone from None
+        finally:
+            watch.close()
+
+    async def _admit(self, key: ApiKey, outcome: Outcome, req: ParsedRequest) -> Admission:
+        """Check the request against its limits (429 naming the one that refused it)."""
+        try:
+            return await self.limiter.admit(key, outcome.endpoint, req.fields, time.time())
+        except ApiError:
+            raise
+        except Exception as e:
+            # Redis gone: refuse rather than serve without limits and quotas.
+            self.log.log(
+                "error", "limit_store_failed", request_id=outcome.request_id, error=error_text(e)
+            )
+            raise limit_store_unavailable() from None
 
     async def _forward(
         self,

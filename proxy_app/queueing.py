@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Gauge
 
 from .errors import queue_timeout
 
@@ -54,7 +54,6 @@ class FairQueue:
         capacity: int,
         reserve: int,
         length: Gauge,
-        wait: Histogram,
     ) -> None:
         self.model = model
         self.capacity = capacity
@@ -65,7 +64,6 @@ class FairQueue:
         self._by_priority: dict[int, _Turns] = {}
         self._weights: dict[str, int] = {}
         self._length = length
-        self._wait = wait
 
     @property
     def waiting(self) -> int:
@@ -81,13 +79,18 @@ class FairQueue:
         if priority > 0:
             self.batch_in_flight += 1
 
-    async def acquire(self, key_id: str, priority: int, weight: int, timeout: float) -> float:
-        """Take a place, waiting for one in turn; the seconds waited. 429 after ``timeout``.
-        Cancelled (the client left), it leaves the queue and holds nothing."""
+    async def acquire(
+        self, key_id: str, priority: int, weight: int, timeout: float, since: float | None = None
+    ) -> float:
+        """Take a place, waiting for one in turn; the seconds waited. 429 once ``timeout``
+        seconds have passed since ``since`` (a monotonic time: when the request began to
+        wait, here or for a concurrency slot; default now). Cancelled (the client left), it
+        leaves the queue and holds nothing."""
         if self._free_for(priority) and not self._waiting_before(priority):
             self._take(priority)
             return 0.0
         start = time.monotonic()
+        left = timeout - (start - since) if since is not None else timeout
         turns = self._by_priority.get(priority)
         if turns is None:
             turns = self._by_priority[priority] = _Turns()
@@ -101,7 +104,7 @@ class FairQueue:
         label = priority_class(priority)
         self._length.labels(label).inc()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(max(0.0, left)):
                 await waiter
         except BaseException as e:
             if waiter.done() and not waiter.cancelled():
@@ -112,9 +115,7 @@ class FairQueue:
             if isinstance(e, TimeoutError):
                 raise queue_timeout(self.model, timeout) from None
             raise
-        waited = time.monotonic() - start
-        self._wait.labels(label).observe(waited)
-        return waited
+        return time.monotonic() - start
 
     def _waiting_before(self, priority: int) -> bool:
         """Whether a request that waits would be served before one of ``priority`` (the same

@@ -154,7 +154,6 @@ class Router:
                     sum(places),  # type: ignore[arg-type]
                     config.queue.interactive_reserve,
                     metrics.queue_length,
-                    metrics.queue_wait,
                 )
         self.backends = [b for bs in self.models.values() for b in bs]
         self.by_name = {b.name: b for b in self.backends}

@@ -1,6 +1,7 @@
 """The limiter: the checks of each request (its key's, the service's, each endpoint's) taken
 in memory or in Redis, and, with Redis away in local mode, this gateway's share of them in
-memory while its usage is spooled for replay."""
+memory while its usage is spooled for replay; and the requests that wait for a concurrency
+slot, woken as slots come back."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import contextlib
 import math
 import os
+from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,9 @@ class Limiter:
         self._plans: dict[tuple[int, str], tuple[ApiKey, list[Check]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.replay_interval = 1.0
+        # A slot given back by another gateway (Redis) wakes nobody here: a waiter looks
+        # again this often. In one process every slot comes back here, and wakes a waiter.
+        self._slots = SlotWaits(poll=0.1 if redis is not None else 1.0)
 
     # lifecycle
 
@@ -185,6 +190,22 @@ class Limiter:
                 return adm
         return self._admit_locally(key, checks, label, amount, now, adm)
 
+    def slot_scope(self, key: ApiKey, endpoint: str, e: ApiError) -> str | None:
+        """The concurrency limit that refused a request with ``e`` (its counters' scope), or
+        None when another limit (or no limit) refused it."""
+        if e.reason is None or not e.reason.startswith("concurrency_"):
+            return None
+        for c in self._plan(key, endpoint):
+            if c.reason == e.reason:
+                return c.scope
+        return None
+
+    async def slot_freed(self, scope: str, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, until a slot of ``scope`` may be free: a request
+        of this gateway gave one back (waiters are woken one per slot, in arrival order), or
+        the poll interval passed (another gateway may have). Then admit() again."""
+        await self._slots.wait(scope, timeout)
+
     def _admit_locally(
         self, key: ApiKey, checks: list[Check], label: str, amount: int, now: float,
         adm: Admission,
@@ -250,7 +271,9 @@ class Limiter:
             adm = Admission(holder=adm.holder, quota_key=adm.quota_key)
         adm.settled = True
         assert adm.holder is not None
+        slots = adm.slots  # the holder empties adm.slots as it gives them back
         await adm.holder.settle(adm, key, prompt, completion, now)
+        self._slots.freed(slots)
 
     async def release(self, adm: Admission) -> None:
         """Give back what a request that was never settled holds (settle() gives it back as
@@ -259,7 +282,9 @@ class Limiter:
             return
         adm.released = True
         if (adm.slots or adm.reserved) and adm.holder is not None:
+            slots = adm.slots
             await adm.holder.release(adm)
+            self._slots.freed(slots)
 
     # local mode
 
@@ -323,6 +348,48 @@ class Limiter:
         if self._redis is None or self.local:
             return True
         return bool(await self._redis.redis.ping())
+
+
+class SlotWaits:
+    """Requests waiting for a concurrency slot, by the slot's scope, in arrival order. Each
+    slot this gateway gives back wakes the first waiter of its scope; a waiter also looks
+    again every ``poll`` seconds (a slot another gateway gave back wakes nobody here)."""
+
+    def __init__(self, poll: float) -> None:
+        self.poll = poll
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+
+    async def wait(self, scope: str, timeout: float) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        line = self._waiters.get(scope)
+        if line is None:
+            line = self._waiters[scope] = deque()
+        line.append(waiter)
+        woken = False
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(timeout, self.poll)):
+                    await waiter
+            woken = True
+        finally:
+            if waiter.done() and not waiter.cancelled() and not woken:
+                # Woken, and gone (its client left) before it could take the slot: the next
+                # in line takes the wake.
+                self.freed([scope])
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                line.remove(waiter)
+            if not line and self._waiters.get(scope) is line:
+                del self._waiters[scope]
+
+    def freed(self, scopes: list[str]) -> None:
+        for scope in scopes:
+            line = self._waiters.get(scope)
+            while line:
+                waiter = line.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
 
 
 # Where an admission is held (plan.Holder), one for each mode.

@@ -51,7 +51,8 @@ def gw(
         {"key": ADMIN_KEY, "user": "admin", "admin": True},
         {"key": USER_KEY, "user": "user1", "quota": 1_000_000},
         {"key": RESTRICTED_KEY, "user": "restricted", "models": ["other"]},
-        {"key": ONE_AT_A_TIME_KEY, "user": "single", "concurrent": 1},
+        # Refused at once over its limit (a request that waits is test_queueing.py's).
+        {"key": ONE_AT_A_TIME_KEY, "user": "single", "concurrent": 1, "queue_timeout": 0},
     ]
     conf = {
         "fastapi_port": port,

@@ -102,7 +102,8 @@ def test_global_qps_limit(gateway_factory: GatewayFactory, vllm: Upstream) -> No
 def test_key_concurrency_limit_and_release_on_success(
     gateway_factory: GatewayFactory, fake: Upstream
 ) -> None:
-    gw = gateway_factory(fake, keys=keys_with(concurrent=1))
+    # queue_timeout 0: the key's requests never wait for a slot (test_queueing.py: waiting).
+    gw = gateway_factory(fake, keys=keys_with(concurrent=1, queue_timeout=0))
     with _held_stream(gw):
         r = _post(gw, FAKE_CHAT)
         _assert_rate_limit_error(r, "requests")
@@ -115,7 +116,8 @@ def test_key_concurrency_limit_and_release_on_success(
 
 
 def test_global_concurrency_limit(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw = gateway_factory(fake, rate_limit={"concurrent": 1})
+    # Queue timeout 0: no request waits for a slot (test_queueing.py: waiting).
+    gw = gateway_factory(fake, rate_limit={"concurrent": 1}, queue={"timeout": 0})
     with _held_stream(gw):
         r = _post(gw, FAKE_CHAT, key=ADMIN_KEY)
         assert r.status_code == 429
@@ -212,7 +214,7 @@ def test_key_defaults_apply_to_keys_without_own_limits(
         {"key": ADMIN_KEY, "user": "admin", "admin": True, "concurrent": None},
         {"key": USER_KEY, "user": "user1"},
     ]
-    gw = gateway_factory(fake, keys=keys, key_defaults={"concurrent": 1})
+    gw = gateway_factory(fake, keys=keys, key_defaults={"concurrent": 1}, queue={"timeout": 0})
     with _held_stream(gw):
         assert _post(gw, FAKE_CHAT).status_code == 429
         # The admin entry set its own (unlimited) concurrency: not affected by the default.
@@ -222,7 +224,7 @@ def test_key_defaults_apply_to_keys_without_own_limits(
 def test_concurrent_burst_never_exceeds_limit(
     gateway_factory: GatewayFactory, fake: Upstream
 ) -> None:
-    gw = gateway_factory(fake, keys=keys_with(concurrent=2))
+    gw = gateway_factory(fake, keys=keys_with(concurrent=2, queue_timeout=0))
     statuses: list[int] = []
     lock = threading.Lock()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from proxy_harness import (
     ADMIN_KEY,
     TINY_CHAT,
@@ -25,6 +25,7 @@ from proxy_harness import (
     GatewayFactory,
     Upstream,
     http,
+    keys_with,
     metric_value,
     openai_error,
     wait_for,
@@ -41,8 +42,7 @@ from proxy_app.queueing import FairQueue
 def _queue(capacity: int, reserve: int = 0) -> FairQueue:
     r = CollectorRegistry()
     length = Gauge("q", "q", ["priority"], registry=r)
-    wait = Histogram("w", "w", ["priority"], registry=r)
-    return FairQueue("m", capacity, reserve, length, wait)
+    return FairQueue("m", capacity, reserve, length)
 
 
 async def _order(q: FairQueue, waiters: list[tuple[str, int, int]], holders: int) -> list[str]:
@@ -306,6 +306,93 @@ def test_a_queue_timeout_is_a_429_and_a_client_leaving_the_queue_costs_nothing(
     assert usage["admin"]["total_usage"]["requests"] == 1
     text = http(gw.url).get("/metrics").text
     assert metric_value(text, "gateway_rejections_total", {"reason": "queue_timeout"}) == 1
+
+
+def test_a_request_over_its_keys_concurrency_waits_for_a_slot_and_is_served(
+    gateway_factory: GatewayFactory, fake: Upstream
+) -> None:
+    """concurrent: 1, and no bound on the model's places: while the key's one request is in
+    flight, its next two wait in the key's queue (not a 429) and are served one after the
+    other as slots come back; the upstream never has two at once; each is charged once."""
+    gw = gateway_factory(fake, keys=keys_with(concurrent=1))
+    since = len(_stats(fake)["arrivals"])
+
+    def body(tag: str, delay: float) -> dict[str, Any]:
+        return {"model": "fake", "prompt": "x", "fake_delay": delay, "fake_tag": tag}
+
+    threads = _post_all(gw.url, USER_KEY, [body("first", 1.0)])
+    wait_for(lambda: len(_arrivals(fake, since)) == 1, 10, "the first request")
+    threads += _post_all(gw.url, USER_KEY, [body("next", 0.2), body("next", 0.2)])
+    wait_for(lambda: _queued(gw.url, "interactive") == 2, 10, "two waiting for the slot")
+    assert len(_arrivals(fake, since)) == 1
+    for t in threads:
+        t.join(30)
+    arrivals = _arrivals(fake, since)
+    assert [a[0] for a in arrivals] == ["first", "next", "next"]
+    assert [a[3] for a in arrivals] == [1, 1, 1]  # never two at once
+    lines = [r for r in gw.logs() if r.get("path") == "/v1/completions"]
+    assert [r["status"] for r in lines] == [200] * 3, lines
+    assert all(r["limit"] == "allowed" for r in lines)
+    assert sorted(r.get("queue_ms", 0) > 0 for r in lines) == [False, True, True]
+    assert gw.usage(ADMIN_KEY)["user1"]["total_usage"]["requests"] == 3
+    text = http(gw.url).get("/metrics").text
+    assert metric_value(text, "gateway_queue_wait_seconds_count", {"priority": "interactive"}) == 2
+    assert metric_value(text, "gateway_queue_length", {"priority": "interactive"}) == 0
+    reasons = {"reason": "concurrency_key"}
+    assert metric_value(text, "gateway_rejections_total", reasons, unseen_is_zero=True) == 0
+
+
+def test_a_wait_for_a_slot_ends_in_the_limits_429_or_when_its_client_leaves(
+    gateway_factory: GatewayFactory, fake: Upstream
+) -> None:
+    """The key's slot held for 3 s: a request that may wait 0.5 s is refused then by the
+    concurrency limit (its 429, Retry-After included); one whose client leaves while it
+    waits is 499, holds nothing and is charged nothing; once the slot is back the next
+    request is served at once; a key with queue_timeout 0 never waits."""
+    keys = [
+        {"key": ADMIN_KEY, "user": "admin", "admin": True, "concurrent": 1, "queue_timeout": 0},
+        {"key": USER_KEY, "user": "user1", "concurrent": 1, "queue_timeout": 0.5},
+    ]
+    gw = gateway_factory(fake, keys=keys)
+    since = len(_stats(fake)["arrivals"])
+    hold = {"model": "fake", "prompt": "x", "fake_delay": 3, "fake_tag": "hold"}
+    threads = _post_all(gw.url, USER_KEY, [hold])
+    admin = _post_all(gw.url, ADMIN_KEY, [hold])
+    wait_for(lambda: len(_arrivals(fake, since)) == 2, 10, "the holding requests")
+    with http(gw.url, USER_KEY) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/completions", json={"model": "fake", "prompt": "x", "fake_tag": "t"})
+        waited = time.monotonic() - t0
+    assert r.status_code == 429, r.text
+    err = openai_error(r)
+    assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests"
+    assert "concurrent requests (1)" in err["message"]
+    assert int(r.headers["retry-after"]) >= 1 and r.headers["x-ratelimit-limit-requests"] == "1"
+    assert waited >= 0.5
+    assert gw.request_log(r.headers["x-request-id"])["limit"] == "concurrency_key"
+    # The admin key (queue_timeout 0): refused without waiting, though the slot comes back.
+    with http(gw.url, ADMIN_KEY) as c:
+        r = c.post("/v1/completions", json={"model": "fake", "prompt": "x", "fake_tag": "a"})
+    assert r.status_code == 429 and "concurrent requests (1)" in r.text
+    assert gw.request_log(r.headers["x-request-id"]).get("queue_ms") is None
+    # A client that leaves while its request waits for the slot.
+    with http(gw.url, USER_KEY, timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(
+            "/v1/completions",
+            json={"model": "fake", "prompt": "x", "fake_tag": "left"},
+            headers={"X-Request-ID": "left-waiting"},
+        )
+    left = gw.request_log("left-waiting")
+    assert left["status"] == 499 and left["prompt_tokens"] is None  # never admitted
+    wait_for(lambda: _queued(gw.url, "interactive") == 0, 10, "nobody waiting")
+    for t in threads + admin:
+        t.join(30)
+    with http(gw.url, USER_KEY) as c:
+        r = c.post("/v1/completions", json={"model": "fake", "prompt": "x", "fake_tag": "after"})
+    assert r.status_code == 200, r.text
+    assert [a[0] for a in _arrivals(fake, since)] == ["hold", "hold", "after"]
+    usage = gw.usage(ADMIN_KEY)
+    assert usage["user1"]["total_usage"]["requests"] == 2  # the hold and "after"
 
 
 def test_an_interactive_request_overtakes_queued_batch_work_on_real_vllm(

@@ -7,6 +7,7 @@ slot with the fake's slow stream (a real stream's length depends on the CPU).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from proxy_harness import (
     chat_cost,
     free_port,
     keys_with,
+    metric_value,
     start,
     total_tokens,
     wait_for,
@@ -62,14 +64,21 @@ def _held_stream(gw: Gateway) -> Iterator[None]:
 def test_concurrency_is_shared(
     gateway_factory: GatewayFactory, fake: Upstream, redis_url: str
 ) -> None:
-    a, b = _pair(gateway_factory, fake, redis_url, concurrent=1)
-    with _held_stream(a):
-        r = _post(b, FAKE_CHAT)
-        assert r.status_code == 429
-        assert b.request_log(r.headers["x-request-id"])["limit"] == "concurrency_key"
-    wait_for(
-        lambda: _post(b, FAKE_CHAT).status_code == 200, 10, "the slot held through A to come back"
-    )
+    """The key's one slot, held through A: B's request waits its queue timeout (2 s) for it,
+    then is refused by the key's limit; another, waiting when A's stream ends, is served:
+    A's release wakes nobody at B, which looks again at Redis every 100 ms."""
+    a, b = _pair(gateway_factory, fake, redis_url, concurrent=1, queue_timeout=2)
+    with ThreadPoolExecutor(1) as pool:
+        with _held_stream(a):
+            r = _post(b, FAKE_CHAT)
+            assert r.status_code == 429
+            log = b.request_log(r.headers["x-request-id"])
+            assert log["limit"] == "concurrency_key" and log["duration_ms"] >= 2000
+            waiting = pool.submit(_post, b, FAKE_CHAT)
+            wait_for(lambda: metric_value(b.metrics(), "gateway_queue_length") == 1, 10, "B's wait")
+        r = waiting.result(10)
+    assert r.status_code == 200, r.text
+    assert b.request_log(r.headers["x-request-id"])["queue_ms"] > 0
 
 
 def test_quota_and_usage_are_shared(

@@ -86,7 +86,7 @@ def _charged(*gws: Gateway) -> int:
 def test_local_mode_enforces_a_share_and_loses_no_usage(
     gateway_factory: GatewayFactory, fake: Upstream, own_redis: OwnRedis
 ) -> None:
-    keys = keys_with(concurrent=2, quota=1_000_000)
+    keys = keys_with(concurrent=2, quota=1_000_000, queue_timeout=0)  # refused, not waiting
     local = {"redis_url": own_redis.url, "redis_failure_mode": "local", "gateway_count": 2}
     a = gateway_factory(fake, keys=keys, name="a", **local)
     b = gateway_factory(fake, keys=keys, name="b", **local)

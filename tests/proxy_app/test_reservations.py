@@ -261,7 +261,9 @@ def test_global_endpoint_qps(gateway_factory: GatewayFactory, fake: Upstream) ->
 
 
 def test_key_endpoint_concurrency(gateway_factory: GatewayFactory, fake: Upstream) -> None:
-    gw = gateway_factory(fake, keys=keys_with(endpoints={"chat": {"concurrent": 1}}))
+    gw = gateway_factory(
+        fake, keys=keys_with(endpoints={"chat": {"concurrent": 1}}, queue_timeout=0)
+    )
     with gw.client(USER_KEY) as c:
         slow = {"model": "fake-slow", "messages": [{"role": "user", "content": "x"}]}
         with c.stream("POST", "/v1/chat/completions", json=slow | {"stream": True}) as held:

@@ -391,8 +391,11 @@ class SteadyLoad:
     /v1/models (also answered by vLLM, without generating). What each got: the status, and
     for a stream whether it ended with [DONE] and no error event."""
 
-    def __init__(self, url: str, key: str, rate: float, completions_every: int = 1) -> None:
+    def __init__(
+        self, url: str, key: str, rate: float, completions_every: int = 1, max_tokens: int = 2
+    ) -> None:
         self.interval = 1 / rate
+        self.max_tokens = max_tokens
         address = urlsplit(url)
         self._host, self._port = address.hostname, address.port
         self._headers = {**_auth(key), "Content-Type": "application/json"}
@@ -408,9 +411,9 @@ class SteadyLoad:
     def _one(self, n: int) -> None:
         body: dict[str, Any] = {
             "model": "tiny",
-            # Short answers: the load must not starve the restarting vLLM of the CPU it
-            # loads with (this machine's 2 cores serve every test host).
-            "max_tokens": 2,
+            # Short answers by default: the load must not starve the restarting vLLM of the
+            # CPU it loads with (this machine's 2 cores serve every test host).
+            "max_tokens": self.max_tokens,
             "ignore_eos": True,
             "messages": [{"role": "user", "content": f"Steady request {n}."}],
         }

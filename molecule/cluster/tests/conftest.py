@@ -157,5 +157,11 @@ def user_key(keys: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="session")
+def demo_key() -> str:
+    """The demo inventory's user key: concurrency 4, and the default queue timeout (30 s)."""
+    return _key("demo-key")
+
+
+@pytest.fixture(scope="session")
 def admin_key() -> str:
     return _key("admin-key")

@@ -81,18 +81,22 @@ def _drain_events(cluster: Cluster, since: str, unit: str = "llm-proxy") -> list
     return events
 
 
-def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Cluster, user_key):
+def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Cluster, demo_key):
     """The roll changes a vLLM argument (max_num_seqs 16 -> 17) on both gpu hosts, one at a
-    time, while a client sends 10 requests a second (every other one streamed) through a
-    gateway the whole time: every answer 200, every stream whole, every vLLM unit restarted
-    (a new PID) with the new argument, and each host drained and back on both gateways. The
-    time each host was out of rotation goes to roll.json (the figure in docs/scaling.md)."""
+    time, while a client sends 10 requests a second of 8-token answers (every other one
+    streamed) through a gateway the whole time, with the demo key (4 at once: the roll
+    halves the capacity and answers take longer, and a request over the key's 4 waits for
+    a slot; with a 429 there instead, 89 of 3,726 failed): every answer 200, every stream
+    whole, every vLLM unit restarted (a new PID) with the new argument, and each host
+    drained and back on both gateways. How many requests waited, and the time
+    each host was out of rotation, go to roll.json (the figure in docs/scaling.md)."""
     before = _vllm_processes(cluster)
     assert all("--max-num-seqs 16 " in cmd for _, cmd in before.values()), before
     since = cluster.run(GATEWAYS[0], "date '+%Y-%m-%d %H:%M:%S'").strip()
     load_start = os.getloadavg()[0]
+    start_epoch = time.time()
     start = time.monotonic()
-    with SteadyLoad(gateway_url(GATEWAYS[0]), user_key, rate=10) as load:
+    with SteadyLoad(gateway_url(GATEWAYS[0]), demo_key, rate=10, max_tokens=8) as load:
         time.sleep(3)  # the load is on before the roll starts
         roll = _roll(ROLLED)
         roll_seconds = time.monotonic() - start
@@ -139,6 +143,10 @@ def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Clus
             }
             assert kinds == {"backend_draining", "backend_undrained"}, (h, gw, kinds)
     print(f"out of rotation per host (s): {out_of_rotation}")
+    # The requests that waited in the gateway: for a slot of the key (its 4 taken), or a place.
+    records = cluster.request_log(start_epoch, "demo", gateways=GATEWAYS[:1])
+    waited = sorted(r["queue_ms"] for r in records if r.get("queue_ms"))
+    print(f"queued: {len(waited)}, longest {waited[-1:]} ms")
     ROLL_RESULTS.write_text(
         json.dumps(
             {
@@ -156,9 +164,13 @@ def test_a_rolling_update_fails_no_request_and_restarts_every_host(cluster: Clus
                     "load_average_start": round(load_start, 1),
                 },
                 "rate_per_second": 10,
+                "max_tokens": 8,
+                "key_concurrent": 4,
                 "hosts": len(GPU_HOSTS),
                 "requests": len(results),
                 "failed": len(load.failures()),
+                "queued": len(waited),
+                "longest_queue_ms": round(waited[-1]) if waited else 0,
                 "roll_seconds": round(roll_seconds, 1),
                 "out_of_rotation_seconds": {h: round(s, 1) for h, s in out_of_rotation.items()},
             },

@@ -1,11 +1,15 @@
 """What the stack scenario's tests under load share: the load itself, run on the stack
-host, and the demo keys the inventory generated on the controller."""
+host, the demo keys the inventory generated on the controller, and the gateway's request
+log read back."""
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 
 def demo_key_text(name: str) -> str:
@@ -71,3 +75,33 @@ LOAD = textwrap.dedent(
     }))
     """
 )
+
+
+def request_records(host: Any, since: float, user: str) -> list[dict[str, Any]]:
+    """The gateway's request log lines of ``user`` since ``since`` (epoch seconds; from a
+    second before), each with when it was admitted (``start``: its end less its duration,
+    plus the time it waited in the gateway's queue) and its ``end``, in epoch seconds."""
+    log = host.run(
+        "journalctl -u llm-proxy -o cat --no-pager --since @%s", str(int(since) - 1)
+    ).stdout
+    out = []
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        if r.get("event") != "request" or r.get("user") != user:
+            continue
+        end = datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).timestamp()
+        start = end - (r["duration_ms"] - r.get("queue_ms", 0)) / 1000
+        out.append({**r, "start": start, "end": end})
+    return out
+
+
+def max_overlap(records: list[dict[str, Any]]) -> int:
+    """The most of ``records`` in flight at once, from each one's admission to its end."""
+    events = [(r["start"], 1) for r in records] + [(r["end"], -1) for r in records]
+    in_flight = peak = 0
+    for _, step in sorted(events):  # at one instant, an end (-1) before a start
+        in_flight += step
+        peak = max(peak, in_flight)
+    return peak
