@@ -1,4 +1,5 @@
-"""Command line: ``llm-proxy [serve] --config PATH``, check-config, check-keys, new-key."""
+"""Command line: ``llm-proxy [serve] --config PATH``, check-config, check-keys, new-key,
+usage."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import Config, ConfigError, KeyDefaults, load_config
 from .keys import DEFAULT_MAX_BYTES, KeysFileError, KeyStore, new_key, parse_keys, read_keys_file
@@ -191,6 +193,44 @@ def _new_key(as_json: bool) -> int:
     return 0
 
 
+def _usage(config: Config, since: str | None, until: str | None, by: str, fmt: str) -> int:
+    """The usage ledger as a report, read from the gateway's store (its SQLite file, or the
+    Redis it shares), whether the gateway runs or not."""
+    import time
+
+    from .ledger import aggregate, parse_by, render, report_range
+    from .usage import read_sqlite_ledger
+
+    try:
+        first, last = report_range(since, until, time.time())
+        groups = parse_by(by)
+    except ValueError as e:
+        print(f"llm-proxy usage: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if config.redis_url is not None:
+        rows = asyncio.run(_redis_ledger(config, first, last))
+    else:
+        path = config.state_dir / "usage.sqlite3"
+        if not path.exists():
+            print(f"llm-proxy usage: {path}: no usage recorded here yet", file=sys.stderr)
+            return 1
+        rows = read_sqlite_ledger(path, first, last)
+    sys.stdout.write(render(aggregate(rows, groups), groups, fmt))
+    return 0
+
+
+async def _redis_ledger(config: Config, since: str, until: str) -> list[Any]:
+    from .app import redis_client
+    from .usage import read_redis_ledger
+
+    assert config.redis_url is not None
+    redis = redis_client(config.redis_url)
+    try:
+        return await read_redis_ledger(redis, config.redis_prefix, since, until)
+    finally:
+        await redis.aclose()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m proxy_app`` and the ``llm-proxy`` script."""
     parser = argparse.ArgumentParser(
@@ -217,6 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_key = sub.add_parser("new-key", help="print a new API key and its sha256")
     p_key.add_argument("--json", action="store_true", help="print JSON")
+    p_usage = sub.add_parser(
+        "usage", help="the usage ledger: requests, errors and tokens by key, model, user, day"
+    )
+    p_usage.add_argument("--config", type=Path, dest="sub_config")
+    p_usage.add_argument("--since", help="first day, YYYY-MM-DD (UTC; default: the 1st)")
+    p_usage.add_argument("--until", help="last day, YYYY-MM-DD (UTC; default: today)")
+    p_usage.add_argument(
+        "--by", default="key,model,user", help="groups: key, model, user, day (comma-separated)"
+    )
+    p_usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
     args = parser.parse_args(argv)
 
     command = args.command or "serve"
@@ -229,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{command} needs --config PATH")
     if command == "check-config":
         return _check(path)
+    if command == "usage":
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return EXIT_CONFIG
+        return _usage(config, args.since, args.until, args.by, args.format)
     try:
         config, _ = _load(path)
     except (ConfigError, KeysFileError) as e:

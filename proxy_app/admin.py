@@ -30,6 +30,7 @@ from .errors import (
     not_found,
 )
 from .keys import KeyStore, ReloadResult
+from .ledger import aggregate, parse_by, render, report_range
 from .routing import Router
 from .usage import UsageStore, usage_report
 
@@ -129,6 +130,25 @@ def build_admin_app(
             "generated_at": datetime.fromtimestamp(now).astimezone(),
             "data": await usage_report(usage, selected, now),
         }
+
+    @app.get("/admin/usage/report")
+    async def usage_ledger(
+        since: Annotated[str | None, Query(max_length=10)] = None,
+        until: Annotated[str | None, Query(max_length=10)] = None,
+        by: Annotated[str, Query(max_length=64)] = "key,model,user",
+        format: Annotated[Literal["json", "csv", "table"], Query()] = "json",
+    ) -> Response:
+        """The usage ledger from ``since`` to ``until`` (UTC days, both included; by
+        default this month), summed by ``by`` (key, model, user, day): what ``llm-proxy
+        usage`` prints."""
+        try:
+            first, last = report_range(since, until, time.time())
+            groups = parse_by(by)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        text = render(aggregate(await usage.ledger(first, last), groups), groups, format)
+        media = {"json": "application/json", "csv": "text/csv", "table": "text/plain"}[format]
+        return Response(text, media_type=media)
 
     def _backend(name: str, draining: bool | None = None) -> dict[str, Any]:
         if router is None or name not in router.by_name:

@@ -84,9 +84,11 @@ class Gateway:
         lease_ttl = c.timeouts.total + 60
         if c.redis_url is not None:
             self._redis = redis_client(c.redis_url)
-            self.usage = RedisUsageStore(self._redis, c.redis_prefix)
+            self.usage = RedisUsageStore(self._redis, c.redis_prefix, c.ledger.retention_days)
         else:
-            self.usage = SqliteUsageStore(c.state_dir, c.sqlite_synchronous)
+            self.usage = SqliteUsageStore(
+                c.state_dir, c.sqlite_synchronous, c.ledger.retention_days
+            )
         await self.usage.open()
         self.limiter = Limiter(
             c.rate_limit,
@@ -95,6 +97,7 @@ class Gateway:
             redis=self._redis,
             prefix=c.redis_prefix,
             lease_ttl=lease_ttl,
+            retention_days=c.ledger.retention_days,
             failure_mode=c.redis_failure_mode,
             gateway_count=c.gateway_count,
             spool=UsageSpool(c.state_dir, c.sqlite_synchronous) if c.redis_url else None,
@@ -112,6 +115,7 @@ class Gateway:
             log=self.log,
             max_body_bytes=c.max_body_bytes,
             queue_timeout=c.queue.timeout,
+            ledger=c.ledger,
         )
         self.admin = build_admin_app(
             keys=self.keys, usage=self.usage, reload_keys=self.reload_keys, router=self.router

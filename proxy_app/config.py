@@ -134,6 +134,17 @@ class Queue(_Strict):
     interactive_reserve: Annotated[int, Field(ge=0)] = 1
 
 
+class Ledger(_Strict):
+    """The usage ledger (ledger.py): per key, model, end user and day."""
+
+    # The request header naming the person behind a shared key (else the body's "user").
+    end_user_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] = "X-End-User"
+    # plain: the name as sent; hashed: sha256: and 16 hex digits of its SHA-256.
+    end_user_storage: Literal["plain", "hashed"] = "plain"
+    # Days of rows kept (a day's row is dropped once it is older).
+    retention_days: PositiveInt = 400
+
+
 class Routing(_Strict):
     """How a request picks one of its model's backends."""
 
@@ -185,6 +196,7 @@ class Config(_Strict):
     # SQLite usage store: "normal" survives the gateway being killed (kill -9) but may lose
     # the last requests on power loss; "full" fsyncs every request and survives that too.
     sqlite_synchronous: Literal["normal", "full"] = "normal"
+    ledger: Ledger = Ledger()
     timeouts: Timeouts = Timeouts()
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     # X-Forwarded-For is believed only from these peers (nginx on the same host by default).

@@ -69,8 +69,8 @@ class Metrics:
         )
         self.tokens = Counter(
             "token_usage_total",
-            "Tokens used, by user and type (prompt, completion)",
-            ["user", "type"],
+            "Tokens used, by key (its user name), model and type (prompt, completion)",
+            ["user", "model", "type"],
             registry=r,
         )
         self.rejections = Counter(
@@ -178,7 +178,7 @@ class Metrics:
             registry=r,
         )
         self._req_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self._token_children: dict[str, tuple[Counter, Counter]] = {}
+        self._token_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
 
     def request_done(self, method: str, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request."""
@@ -194,15 +194,15 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def tokens_used(self, user: str, prompt: int, completion: int) -> None:
-        """Count the tokens of one request."""
-        children = self._token_children.get(user)
+    def tokens_used(self, user: str, model: str, prompt: int, completion: int) -> None:
+        """Count the tokens of one request (keys and models are the operator's: bounded)."""
+        children = self._token_children.get((user, model))
         if children is None:
             children = (
-                self.tokens.labels(user, "prompt"),
-                self.tokens.labels(user, "completion"),
+                self.tokens.labels(user, model, "prompt"),
+                self.tokens.labels(user, model, "completion"),
             )
-            self._token_children[user] = children
+            self._token_children[(user, model)] = children
         if prompt:
             children[0].inc(prompt)
         if completion:

@@ -30,6 +30,7 @@ from .apis import (
     upstream_error_message,
 )
 from .asgi import ClientGone, Receive, Send, read_body, respond
+from .config import Ledger
 from .errors import (
     ApiError,
     bad_request,
@@ -41,6 +42,7 @@ from .errors import (
 )
 from .errors import upstream_unavailable as unavailable
 from .keys import ApiKey, KeyStore, check_model
+from .ledger import Attribution, end_user_of
 from .logs import JsonLog, error_text
 from .metrics import Metrics
 from .outcome import Outcome, Tokens
@@ -73,6 +75,8 @@ class ParsedRequest:
     api: Api
     # vLLM's scheduling priority, sent as X-Vllm-Priority (the key's; None: not sent).
     priority: int | None = None
+    # The model and end user its usage is recorded under in the ledger.
+    who: Attribution | None = None
 
     def prompt_estimate(self) -> int:
         """The prompt's tokens guessed from its length, for when vLLM reports none."""
@@ -229,6 +233,7 @@ class Proxy:
         log: JsonLog,
         max_body_bytes: int,
         queue_timeout: float = 30.0,
+        ledger: Ledger | None = None,
     ) -> None:
         self.keys = keys
         self.limiter = limiter
@@ -239,6 +244,8 @@ class Proxy:
         self.log = log
         self.max_body = max_body_bytes
         self.queue_timeout = queue_timeout
+        self.ledger = ledger or Ledger()
+        self._end_user_header = self.ledger.end_user_header.lower().encode()
         self._ttft = {e: metrics.upstream_ttft.labels(e) for e in APIS}
         self._latency = {e: metrics.upstream_latency.labels(e) for e in (*APIS, "/v1/models")}
 
@@ -259,6 +266,14 @@ class Proxy:
         outcome.requested(req.model, req.stream)
         check_model(key, req.model)
         self.router.backends_of(req.model)  # 404 for a model nobody serves, before any limit
+        end_user = end_user_of(
+            headers.get(self._end_user_header),
+            self.ledger.end_user_header,
+            req.fields.get("user"),
+            key.user,
+            self.ledger.end_user_storage,
+        )
+        req.who = Attribution(req.model, end_user)
         if key.max_tokens is not None and api.generates:
             _cap_max_tokens(req, key.max_tokens)
         if api.priority == "body":
@@ -419,7 +434,7 @@ class Proxy:
                 self._estimated(outcome, watch.gone, stopping)
             problem = upstream_api_error(failure) if failure is not None else None
             try:
-                await self._charge(admission, key, outcome, tokens)
+                await self._charge(admission, key, outcome, req, tokens, failure is not None)
             except ApiError as e:
                 problem = problem or e
             if stopping:
@@ -439,19 +454,22 @@ class Proxy:
                 outcome.client_left()
             # On failure usage_record_failed is logged with the figures; nobody is left to tell.
             with contextlib.suppress(ApiError):
-                await self._charge(admission, key, outcome, Tokens(req.prompt_estimate(), 0, True))
+                estimate = Tokens(req.prompt_estimate(), 0, True)
+                await self._charge(admission, key, outcome, req, estimate)
             if stopping:
                 raise asyncio.CancelledError
             return
         if failure is not None:
+            await self._record_error(key, outcome, req)
             raise upstream_api_error(failure)
         assert resp is not None
         if resp.status != 200:
+            await self._record_error(key, outcome, req)
             await self._relay_error(send, outcome, resp, body, req.api)
             return
         self._ttft[endpoint].observe(elapsed)
         self._latency[endpoint].observe(elapsed)
-        await self._charge(admission, key, outcome, self._usage_of_body(outcome, req, body))
+        await self._charge(admission, key, outcome, req, self._usage_of_body(outcome, req, body))
         await respond(send, outcome, 200, body, resp.header(b"content-type") or b"application/json")
 
     async def _send(self, outcome: Outcome, req: ParsedRequest) -> tuple[UpstreamResponse, Backend]:
@@ -532,14 +550,24 @@ class Proxy:
         await respond(send, outcome, resp.status, body)
 
     async def _charge(
-        self, admission: Admission, key: ApiKey, outcome: Outcome, tokens: Tokens
+        self,
+        admission: Admission,
+        key: ApiKey,
+        outcome: Outcome,
+        req: ParsedRequest,
+        tokens: Tokens,
+        error: bool = False,
     ) -> None:
-        """Store the request's usage durably; only then may the response end."""
+        """Store the request's usage and ledger row durably; only then may the response end.
+        ``error``: the answer started and then failed."""
         outcome.charged(tokens)
+        assert req.who is not None
         try:
             # Usage recorded and the admission's reservations freed in one step (one Lua
             # script with Redis); tokens per minute charged with the real count.
-            await self.limiter.settle(admission, key, tokens.prompt, tokens.completion, time.time())
+            await self.limiter.settle(
+                admission, key, tokens.prompt, tokens.completion, time.time(), req.who, error
+            )
         except Exception as e:
             # Serving without counting would let quotas leak: the request fails instead, and
             # the log keeps the figures for the operator.
@@ -554,7 +582,22 @@ class Proxy:
                 error=error_text(e),
             )
             raise usage_store_unavailable() from None
-        self.metrics.tokens_used(key.user, tokens.prompt, tokens.completion)
+        self.metrics.tokens_used(key.user, req.model, tokens.prompt, tokens.completion)
+
+    async def _record_error(self, key: ApiKey, outcome: Outcome, req: ParsedRequest) -> None:
+        """Count in the ledger a request that failed before it was charged; a failure to
+        count it is logged, and the client gets the request's own error."""
+        assert req.who is not None
+        try:
+            await self.limiter.record_error(key, time.time(), req.who)
+        except Exception as e:
+            self.log.log(
+                "error",
+                "ledger_error_record_failed",
+                request_id=outcome.request_id,
+                key_id=key.key_id,
+                error=error_text(e),
+            )
 
     async def models(
         self, receive: Receive, send: Send, outcome: Outcome, headers: dict[bytes, bytes]

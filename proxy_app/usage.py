@@ -14,6 +14,9 @@ Usage is counted per key and period: ``total``, ``month:YYYY-MM`` and ``day:YYYY
 
 ``UsageSpool`` holds usage recorded while Redis was unreachable (``redis_failure_mode:
 local``), in SQLite in the state dir, until it is replayed into Redis.
+
+Each store also keeps the usage ledger (ledger.py: per key, model, end user and day), written
+with the counters in the same transaction or script, and reads it back for reports.
 """
 
 from __future__ import annotations
@@ -24,9 +27,19 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from .ledger import (
+    REDIS_FIGURES,
+    Attribution,
+    Row,
+    day_of,
+    days,
+    redis_field,
+    rows_of_redis_hash,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -35,6 +48,16 @@ if TYPE_CHECKING:
 
 # Counters kept per (key, period): requests, prompt tokens, completion tokens.
 Counters = list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """When a request's usage is recorded, whose it was beyond its key (the ledger's model
+    and end user), and whether it failed."""
+
+    now: float
+    who: Attribution
+    error: bool = False
 
 
 _labels_cache: tuple[float, float, tuple[str, str, str]] = (0.0, 0.0, ("", "", ""))
@@ -84,7 +107,23 @@ class UsageStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def record(self, key: ApiKey, prompt: int, completion: int, now: float) -> None: ...
+    async def record(
+        self,
+        key: ApiKey,
+        prompt: int,
+        completion: int,
+        now: float,
+        who: Attribution,
+        error: bool = False,
+    ) -> None:
+        """Count a request's tokens, and its row of the ledger (``error``: it failed after
+        its answer had started)."""
+
+    async def record_error(self, key: ApiKey, now: float, who: Attribution) -> None:
+        """Count, in the ledger only, a request that failed before it was charged."""
+
+    async def ledger(self, since: str, until: str) -> list[Row]:
+        """The ledger's rows from day ``since`` to day ``until`` (both included)."""
 
     async def used(self, key: ApiKey, now: float) -> int: ...
 
@@ -103,6 +142,55 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     PRIMARY KEY (key_id, day)
 ) WITHOUT ROWID
 """
+
+_LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_daily (
+    day TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    end_user TEXT NOT NULL,
+    key_user TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, key_id, model, end_user)
+) WITHOUT ROWID
+"""
+
+_LEDGER_UPSERT = """
+INSERT INTO ledger_daily
+    (day, key_id, model, end_user, key_user, requests, errors, prompt_tokens, completion_tokens)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (day, key_id, model, end_user) DO UPDATE SET
+    key_user = excluded.key_user,
+    requests = requests + excluded.requests,
+    errors = errors + excluded.errors,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens
+"""
+
+_LEDGER_SELECT = (
+    "SELECT key_user, model, end_user, day, requests, errors, prompt_tokens, completion_tokens "
+    "FROM ledger_daily WHERE day >= ? AND day <= ?"
+)
+
+
+def read_sqlite_ledger(path: Path, since: str, until: str) -> list[Row]:
+    """The ledger of a usage store file, read on its own connection (the gateway may be
+    running: WAL lets a reader see every committed request)."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        return [Row(*r) for r in db.execute(_LEDGER_SELECT, (since, until)).fetchall()]
+    finally:
+        db.close()
+
+
+def retention_cutoff(now: float, retention_days: int) -> str:
+    """The oldest day the ledger keeps."""
+    return day_of(now - (retention_days - 1) * 86400)
+
 
 _UPSERT = """
 INSERT INTO usage_daily (key_id, day, user, requests, prompt_tokens, completion_tokens, updated_at)
@@ -133,12 +221,20 @@ class SqliteUsageStore:
     backend is for).
     """
 
-    def __init__(self, state_dir: Path, synchronous: str = "normal") -> None:
+    def __init__(
+        self, state_dir: Path, synchronous: str = "normal", retention_days: int = 400
+    ) -> None:
         self.path = state_dir / "usage.sqlite3"
         self.synchronous = synchronous
+        self.retention_days = retention_days
         self._db: sqlite3.Connection | None = None
         self._cache: dict[tuple[str, str], Counters] = {}
-        self._pending: list[tuple[ApiKey, int, int, float, asyncio.Future[None]]] = []
+        # key, prompt, completion, time, attribution, error, charged (else a ledger-only
+        # error), and the future that the commit resolves.
+        self._pending: list[
+            tuple[ApiKey, int, int, float, Attribution, bool, bool, asyncio.Future[None]]
+        ] = []
+        self._pruned = ""
         self._checkpointer: asyncio.Task[None] | None = None
         self._writes = 0
         self._hold: asyncio.Future[None] | None = None
@@ -149,6 +245,7 @@ class SqliteUsageStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         db.execute(_SCHEMA)
+        db.execute(_LEDGER_SCHEMA)
         # Checkpoints copy the WAL into the database and fsync it: that can take long on a
         # busy disk, so they run in a thread, never on the event loop between two requests.
         db.execute("PRAGMA wal_autocheckpoint=0")
@@ -218,14 +315,42 @@ class SqliteUsageStore:
         c = self._cache.get((key_id, label))
         return c if c is not None else self._load(key_id, label)
 
-    async def record(self, key: ApiKey, prompt: int, completion: int, now: float) -> None:
+    async def record(
+        self,
+        key: ApiKey,
+        prompt: int,
+        completion: int,
+        now: float,
+        who: Attribution,
+        error: bool = False,
+    ) -> None:
+        await self._write(key, prompt, completion, now, who, error, True)
+
+    async def record_error(self, key: ApiKey, now: float, who: Attribution) -> None:
+        await self._write(key, 0, 0, now, who, True, False)
+
+    async def _write(
+        self,
+        key: ApiKey,
+        prompt: int,
+        completion: int,
+        now: float,
+        who: Attribution,
+        error: bool,
+        charged: bool,
+    ) -> None:
         # Group commit: records made in the same turn of the event loop share one
         # transaction, which is committed before any of them returns.
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((key, prompt, completion, now, fut))
+        self._pending.append((key, prompt, completion, now, who, error, charged, fut))
         if len(self._pending) == 1 and self._hold is None:
             asyncio.get_running_loop().call_soon(self._flush)
         await fut
+
+    async def ledger(self, since: str, until: str) -> list[Row]:
+        assert self._db is not None
+        rows = self._db.execute(_LEDGER_SELECT, (since, until)).fetchall()
+        return [Row(*r) for r in rows]
 
     def _flush(self) -> None:
         if self._hold is not None or not self._pending:
@@ -233,9 +358,22 @@ class SqliteUsageStore:
         pending, self._pending = self._pending, []
         db = self._db
         rows: dict[tuple[str, str], list[Any]] = {}
+        ledger: dict[tuple[str, str, str, str], list[Any]] = {}
         try:
             assert db is not None
-            for key, prompt, completion, now, _ in pending:
+            for key, prompt, completion, now, who, error, charged, _ in pending:
+                day = day_of(now)
+                lkey = (day, key.key_id, who.model, who.end_user)
+                lrow = ledger.get(lkey)
+                if lrow is None:
+                    lrow = ledger[lkey] = [*lkey, key.user, 0, 0, 0, 0]
+                lrow[4] = key.user
+                lrow[5] += 1
+                lrow[6] += error
+                lrow[7] += prompt
+                lrow[8] += completion
+                if not charged:
+                    continue
                 labels = period_labels(now)
                 # Load the counters before writing, so the new rows are not counted twice.
                 for label in labels:
@@ -253,7 +391,12 @@ class SqliteUsageStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(_UPSERT, list(rows.values()))
+                db.executemany(_LEDGER_UPSERT, list(ledger.values()))
+                cutoff = retention_cutoff(pending[-1][3], self.retention_days)
+                if cutoff != self._pruned:  # the first write of a day drops the oldest day
+                    db.execute("DELETE FROM ledger_daily WHERE day < ?", (cutoff,))
                 db.execute("COMMIT")
+                self._pruned = cutoff
                 self._writes += 1
             except BaseException:
                 db.execute("ROLLBACK")
@@ -263,7 +406,11 @@ class SqliteUsageStore:
                 if not fut.done():
                     fut.set_exception(e)
             return
-        for key, prompt, completion, now, fut in pending:
+        for key, prompt, completion, now, _, _, charged, fut in pending:
+            if not charged:
+                if not fut.done():
+                    fut.set_result(None)
+                continue
             for label in period_labels(now):
                 c = self._cache.get((key.key_id, label))
                 if c is not None:
@@ -308,14 +455,26 @@ def redis_usage_hashes(prefix: str, key_id: str, now: float) -> list[tuple[str, 
     ]
 
 
+def redis_ledger_key(prefix: str, day: str) -> str:
+    """The Redis hash of one day of the ledger (fields: ledger.redis_field)."""
+    return f"{prefix}ledger:{day}"
+
+
+def ledger_ttl(retention_days: int) -> int:
+    """Seconds a day's ledger hash lives after its last write."""
+    return retention_days * 86400
+
+
 class RedisUsageStore:
-    """Usage in Redis hashes ``<prefix>usage:<key_id>:<period>``, shared by gateways."""
+    """Usage in Redis hashes ``<prefix>usage:<key_id>:<period>``, shared by gateways; the
+    ledger in ``<prefix>ledger:<day>``."""
 
     _TTL: ClassVar[dict[str, int]] = _REDIS_TTL
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: Redis, prefix: str, retention_days: int = 400) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._ledger_ttl = ledger_ttl(retention_days)
 
     async def open(self) -> None:
         await self._redis.ping()
@@ -323,8 +482,17 @@ class RedisUsageStore:
     async def close(self) -> None:
         return None
 
-    async def record(self, key: ApiKey, prompt: int, completion: int, now: float) -> None:
+    async def record(
+        self,
+        key: ApiKey,
+        prompt: int,
+        completion: int,
+        now: float,
+        who: Attribution,
+        error: bool = False,
+    ) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
+            self._ledger(pipe, key, now, who, error, prompt, completion)
             for label in period_labels(now):
                 h = redis_usage_key(self._prefix, key.key_id, label)
                 pipe.hincrby(h, "requests", 1)
@@ -336,6 +504,25 @@ class RedisUsageStore:
                 if ttl:
                     pipe.expire(h, ttl)
             await pipe.execute()
+
+    def _ledger(
+        self, pipe: Any, key: ApiKey, now: float, who: Attribution, error: bool,
+        prompt: int, completion: int,
+    ) -> None:  # fmt: skip
+        h = redis_ledger_key(self._prefix, day_of(now))
+        field = redis_field(key.user, who)
+        for letter, amount in zip(REDIS_FIGURES, (1, int(error), prompt, completion), strict=True):
+            if amount:
+                pipe.hincrby(h, letter + field, amount)
+        pipe.expire(h, self._ledger_ttl)
+
+    async def record_error(self, key: ApiKey, now: float, who: Attribution) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._ledger(pipe, key, now, who, True, 0, 0)
+            await pipe.execute()
+
+    async def ledger(self, since: str, until: str) -> list[Row]:
+        return await read_redis_ledger(self._redis, self._prefix, since, until)
 
     async def used(self, key: ApiKey, now: float) -> int:
         label = quota_label(key.quota_period, now)
@@ -354,6 +541,18 @@ class RedisUsageStore:
         for label, vals in zip(labels, results, strict=True):
             out[label] = [int(v or 0) for v in vals]
         return out
+
+
+async def read_redis_ledger(redis: Redis, prefix: str, since: str, until: str) -> list[Row]:
+    """The ledger's days from ``since`` to ``until`` in Redis."""
+    wanted = days(date.fromisoformat(since), date.fromisoformat(until))
+    async with redis.pipeline(transaction=False) as pipe:
+        for day in wanted:
+            pipe.hgetall(redis_ledger_key(prefix, day))
+        hashes: list[dict[bytes, bytes]] = await pipe.execute()
+    return [
+        row for day, h in zip(wanted, hashes, strict=True) for row in rows_of_redis_hash(day, h)
+    ]
 
 
 async def usage_report(store: UsageStore, keys: list[ApiKey], now: float) -> list[dict[str, Any]]:
@@ -404,6 +603,14 @@ CREATE TABLE IF NOT EXISTS spool (
     at REAL NOT NULL
 )
 """
+# The ledger's columns, added to a spool an older gateway wrote (its rows: the key's user,
+# no model: "").
+_SPOOL_LEDGER = {
+    "model": "TEXT NOT NULL DEFAULT ''",
+    "end_user": "TEXT NOT NULL DEFAULT ''",
+    "error": "INTEGER NOT NULL DEFAULT 0",
+    "charged": "INTEGER NOT NULL DEFAULT 1",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +624,11 @@ class SpooledUsage:
     prompt: int
     completion: int
     at: float
+    model: str
+    end_user: str
+    error: bool
+    # False: a request that failed before it was charged (the ledger's error, no usage).
+    charged: bool
 
 
 class UsageSpool:
@@ -437,6 +649,10 @@ class UsageSpool:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         db.execute(_SPOOL_SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
+        for name, kind in _SPOOL_LEDGER.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE spool ADD COLUMN {name} {kind}")
         self._db = db
 
     def close(self) -> None:
@@ -444,24 +660,30 @@ class UsageSpool:
             self._db.close()
             self._db = None
 
-    def record(self, key_id: str, user: str, prompt: int, completion: int, now: float) -> None:
-        """Keep one request's usage; committed when this returns."""
+    def record(
+        self, key_id: str, user: str, prompt: int, completion: int, at: Entry,
+        charged: bool = True,
+    ) -> None:  # fmt: skip
+        """Keep one request's usage and ledger row; committed when this returns."""
         assert self._db is not None
         self._db.execute(
-            "INSERT INTO spool (uid, key_id, user, prompt_tokens, completion_tokens, at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (os.urandom(12).hex(), key_id, user, prompt, completion, now),
-        )
+            "INSERT INTO spool (uid, key_id, user, prompt_tokens, completion_tokens, at, "
+            "model, end_user, error, charged) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                os.urandom(12).hex(), key_id, user, prompt, completion, at.now,
+                at.who.model, at.who.end_user, int(at.error), int(charged),
+            ),
+        )  # fmt: skip
 
     def pending(self, limit: int = 500) -> list[SpooledUsage]:
         """The oldest rows not yet in Redis."""
         assert self._db is not None
         rows = self._db.execute(
-            "SELECT id, uid, key_id, user, prompt_tokens, completion_tokens, at FROM spool "
-            "ORDER BY id LIMIT ?",
+            "SELECT id, uid, key_id, user, prompt_tokens, completion_tokens, at, model, "
+            "end_user, error, charged FROM spool ORDER BY id LIMIT ?",
             (limit,),
         ).fetchall()
-        return [SpooledUsage(*row) for row in rows]
+        return [SpooledUsage(*row[:9], error=bool(row[9]), charged=bool(row[10])) for row in rows]
 
     def done(self, ids: list[int]) -> None:
         """Forget rows that Redis has."""

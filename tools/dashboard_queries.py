@@ -69,9 +69,10 @@ ZERO_BY_NATURE: dict[str, str] = {
     "KV cache usage": "vLLM frees a request's KV blocks when it ends",
     "In flight by backend": "requests in flight to each backend: 0 once the traffic has ended",
     "Requests waiting in the gateway's queue": "requests wait only while every place of their "
-    "model is taken (max_num_seqs per backend)",
-    "Requests that waited in the queue/s": "requests wait only while every place of "
-    "their model is taken (max_num_seqs per backend)",
+    "model (max_num_seqs per backend) or every slot of their key's concurrency is taken: 0 "
+    "once the traffic has ended",
+    "Requests that waited in the queue/s": "requests wait only while every place of their "
+    "model (max_num_seqs per backend) or every slot of their key's concurrency is taken",
 }
 
 

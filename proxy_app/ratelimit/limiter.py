@@ -22,8 +22,9 @@ from ..errors import (
     quota_held,
     rate_limited,
 )
+from ..ledger import Attribution
 from ..logs import error_text
-from ..usage import UsageSpool, UsageStore, quota_label, seconds_to_period_end
+from ..usage import Entry, UsageSpool, UsageStore, quota_label, seconds_to_period_end
 from .memory import MemoryState
 from .plan import GLOBAL, Admission, Check, Refusal, reservation
 from .redis_state import RedisState, is_redis_down
@@ -48,6 +49,7 @@ class Limiter:
         redis: Redis | None = None,
         prefix: str = "llmhost:",
         lease_ttl: float = 960.0,
+        retention_days: int = 400,
         failure_mode: str = "closed",
         gateway_count: int = 1,
         spool: UsageSpool | None = None,
@@ -57,7 +59,9 @@ class Limiter:
         self._global = global_limits
         self.usage = usage
         self.reservation_settings = reservation or Reservation()
-        self._redis = RedisState(redis, prefix, lease_ttl) if redis is not None else None
+        self._redis = (
+            RedisState(redis, prefix, lease_ttl, retention_days) if redis is not None else None
+        )
         self._in_memory = _InMemory(usage)
         self._shared = _Shared(self._redis, self) if self._redis is not None else None
         self.failure_mode = failure_mode
@@ -262,18 +266,41 @@ class Limiter:
     # settlement
 
     async def settle(
-        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+        self,
+        adm: Admission,
+        key: ApiKey,
+        prompt: int,
+        completion: int,
+        now: float,
+        who: Attribution,
+        error: bool = False,
     ) -> None:
-        """Record a request's usage durably and give back what it holds (its reservations and
-        concurrency slots: vLLM's part of it is over), in one step: in Redis, one script."""
+        """Record a request's usage and its ledger row durably and give back what it holds
+        (its reservations and concurrency slots: vLLM's part of it is over), in one step: in
+        Redis, one script. ``error``: it failed after its answer had started."""
         if adm.settled:
             # Charged once already: record the usage, nothing more is reserved.
             adm = Admission(holder=adm.holder, quota_key=adm.quota_key)
         adm.settled = True
         assert adm.holder is not None
         slots = adm.slots  # the holder empties adm.slots as it gives them back
-        await adm.holder.settle(adm, key, prompt, completion, now)
+        await adm.holder.settle(adm, key, prompt, completion, Entry(now, who, error))
         self._slots.freed(slots)
+
+    async def record_error(self, key: ApiKey, now: float, who: Attribution) -> None:
+        """Count in the ledger a request that failed before it was charged (vLLM's error, a
+        timeout): a request and an error, no token."""
+        if self.local and self.spool is not None:
+            self.spool.record(key.key_id, key.user, 0, 0, Entry(now, who, True), charged=False)
+            return
+        try:
+            await self.usage.record_error(key, now, who)
+        except Exception as e:
+            if not self.can_go_local(e):
+                raise
+            self._go_local(e)
+            assert self.spool is not None
+            self.spool.record(key.key_id, key.user, 0, 0, Entry(now, who, True), charged=False)
 
     async def release(self, adm: Admission) -> None:
         """Give back what a request that was never settled holds (settle() gives it back as
@@ -336,9 +363,7 @@ class Limiter:
         sent = 0
         while rows := self.spool.pending():
             for row in rows:
-                await self._redis.replay(
-                    row.uid, row.key_id, row.user, row.prompt, row.completion, row.at
-                )
+                await self._redis.replay(row)
             self.spool.done([row.id for row in rows])
             sent += len(rows)
         return sent
@@ -403,9 +428,9 @@ class _InMemory:
         self.state = MemoryState()
 
     async def settle(
-        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, at: Entry
     ) -> None:
-        await self.usage.record(key, prompt, completion, now)
+        await self.usage.record(key, prompt, completion, at.now, at.who, at.error)
         self.state.settle(adm, prompt + completion)
 
     async def release(self, adm: Admission) -> None:
@@ -422,17 +447,19 @@ class _Shared:
         self.limiter = limiter
 
     async def settle(
-        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, at: Entry
     ) -> None:
         try:
-            await self.redis.settle(adm, key.key_id, key.user, prompt, completion, now)
+            await self.redis.settle(
+                adm, key.key_id, key.user, prompt, completion, at.now, at.who, at.error
+            )
         except Exception as e:
             if not self.limiter.can_go_local(e):
                 raise
             self.limiter._go_local(e)
             spool = self.limiter.spool
             assert spool is not None
-            spool.record(key.key_id, key.user, prompt, completion, now)
+            spool.record(key.key_id, key.user, prompt, completion, at)
 
     async def release(self, adm: Admission) -> None:
         await self.redis.release(adm)
@@ -448,11 +475,11 @@ class _Local:
         self.used: dict[tuple[str, str], int] = {}
 
     async def settle(
-        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, at: Entry
     ) -> None:
         spool = self.limiter.spool
         assert spool is not None
-        spool.record(key.key_id, key.user, prompt, completion, now)
+        spool.record(key.key_id, key.user, prompt, completion, at)
         if adm.quota_key is not None:
             self.used[adm.quota_key] = self.used.get(adm.quota_key, 0) + prompt + completion
         self.state.settle(adm, prompt + completion)

@@ -15,6 +15,7 @@ from ..config import Reservation
 
 if TYPE_CHECKING:
     from ..keys import ApiKey
+    from ..usage import Entry
 
 GLOBAL = "global"
 Kind = Literal["quota", "tpm", "qps", "concurrency"]
@@ -69,9 +70,9 @@ class Holder(Protocol):
     local mode). Its settlement and release go back there (limiter.py)."""
 
     async def settle(
-        self, adm: Admission, key: ApiKey, prompt: int, completion: int, now: float
+        self, adm: Admission, key: ApiKey, prompt: int, completion: int, at: Entry
     ) -> None:
-        """Record the usage durably and give back what ``adm`` holds."""
+        """Record the usage (and its ledger row) durably and give back what ``adm`` holds."""
 
     async def release(self, adm: Admission) -> None:
         """Give back what ``adm`` holds (a request that was never settled)."""

@@ -7,7 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..usage import redis_usage_hashes, redis_usage_key
+from ..ledger import Attribution, day_of, redis_field
+from ..usage import (
+    SpooledUsage,
+    ledger_ttl,
+    redis_ledger_key,
+    redis_usage_hashes,
+    redis_usage_key,
+)
 from .plan import Admission, Check, Refusal
 
 if TYPE_CHECKING:
@@ -25,6 +32,7 @@ def _lua(name: str) -> str:
 ADMIT = _lua("admit.lua")
 SETTLE = _lua("free.lua") + "local first = 1\n" + _lua("record.lua") + _lua("settle.lua")
 REPLAY = _lua("replay.lua") + _lua("record.lua") + "return 1\n"
+REPLAY_ERROR = _lua("replay_error.lua")
 RELEASE = _lua("free.lua") + _lua("release.lua")
 
 _KIND_CODE = {"qps": "q", "concurrency": "c", "tpm": "t", "quota": "u"}
@@ -35,13 +43,17 @@ _REPLAY_MARK_TTL = 7 * 86400
 class RedisState:
     """The limits shared by every gateway using one Redis."""
 
-    def __init__(self, redis: Redis, prefix: str, lease_ttl: float) -> None:
+    def __init__(
+        self, redis: Redis, prefix: str, lease_ttl: float, retention_days: int = 400
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self._ttl_ms = int(lease_ttl * 1000)
+        self._ledger_ttl = ledger_ttl(retention_days)
         self._admit = redis.register_script(ADMIT)
         self._settle = redis.register_script(SETTLE)
         self._replay = redis.register_script(REPLAY)
+        self._replay_error = redis.register_script(REPLAY_ERROR)
         self._release = redis.register_script(RELEASE)
 
     def _keys(self, c: Check, quota_label: str, key_id: str) -> tuple[str, str, str]:
@@ -80,14 +92,31 @@ class RedisState:
                     adm.tpm.append(c.scope)
         return None, used
 
+    def _ledger(
+        self, keys: list[str], args: list[Any], user: str, now: float, who: Attribution,
+        error: bool,
+    ) -> None:  # fmt: skip
+        """record.lua's ledger arguments: the day's hash, the field, its TTL, failed."""
+        keys.append(redis_ledger_key(self.prefix, day_of(now)))
+        args += [redis_field(user, who), self._ledger_ttl, int(error)]
+
     async def settle(
-        self, adm: Admission, key_id: str, user: str, prompt: int, completion: int, now: float
+        self,
+        adm: Admission,
+        key_id: str,
+        user: str,
+        prompt: int,
+        completion: int,
+        now: float,
+        who: Attribution,
+        error: bool = False,
     ) -> None:
         p = self.prefix
         hashes = redis_usage_hashes(p, key_id, now)
         keys = [h for h, _ in hashes]
         args: list[Any] = [adm.lease_id, prompt, completion, user, len(hashes)]
         args += [ttl for _, ttl in hashes]
+        self._ledger(keys, args, user, now, who, error)
         args.append(len(adm.reserved))
         for scope, tokens in adm.reserved:
             keys += (p + "res:" + scope, p + "ressum:" + scope)
@@ -98,13 +127,20 @@ class RedisState:
         await self._settle(keys=keys, args=args)
         adm.slots, adm.reserved = [], []  # given back: nothing left for release()
 
-    async def replay(
-        self, uid: str, key_id: str, user: str, prompt: int, completion: int, at: float
-    ) -> None:
-        hashes = redis_usage_hashes(self.prefix, key_id, at)
-        keys = [self.prefix + "spooled:" + uid, *(h for h, _ in hashes)]
-        args: list[Any] = [_REPLAY_MARK_TTL, prompt, completion, user, len(hashes)]
+    async def replay(self, row: SpooledUsage) -> None:
+        # A row spooled by a gateway before the ledger: the key's own user, model unknown.
+        who = Attribution(row.model, row.end_user or row.user)
+        mark = self.prefix + "spooled:" + row.uid
+        if not row.charged:
+            day = redis_ledger_key(self.prefix, day_of(row.at))
+            args = [_REPLAY_MARK_TTL, redis_field(row.user, who), self._ledger_ttl]
+            await self._replay_error(keys=[mark, day], args=args)
+            return
+        hashes = redis_usage_hashes(self.prefix, row.key_id, row.at)
+        keys = [mark, *(h for h, _ in hashes)]
+        args: list[Any] = [_REPLAY_MARK_TTL, row.prompt, row.completion, row.user, len(hashes)]
         args += [ttl for _, ttl in hashes]
+        self._ledger(keys, args, row.user, row.at, who, row.error)
         await self._replay(keys=keys, args=args)
 
     async def release(self, adm: Admission) -> None:

@@ -35,8 +35,10 @@ from proxy_harness import (
 from proxy_app.__main__ import main
 from proxy_app.config import KeyDefaults, Reservation
 from proxy_app.keys import KeysFileError, parse_keys
+from proxy_app.ledger import Row, day_of
 from proxy_app.ratelimit import Admission, Check, reservation
 from proxy_app.ratelimit.redis_state import RedisState
+from proxy_app.usage import SpooledUsage, read_redis_ledger
 
 # 16 prompt tokens + 5 completion tokens: 21 tokens per answer, one second each.
 SLOW_21 = {
@@ -170,15 +172,25 @@ def test_reservations_of_a_dead_gateway_expire(redis_url: str) -> None:
 
 
 def test_spooled_usage_is_replayed_once(redis_url: str) -> None:
-    # A replay cut short (Redis has the row, the spool still does) and run again counts once.
+    # A replay cut short (Redis has the row, the spool still does) and run again counts once:
+    # the usage, its ledger row, and the ledger's error row of a request never charged.
     async def run() -> None:
         from redis.asyncio import Redis
 
         r = Redis.from_url(redis_url)
         state = RedisState(r, "llmhost:", lease_ttl=10)
+        now = time.time()
+        charged = SpooledUsage(1, "row-1", "k1", "u", 7, 5, now, "m", "spooled-ann", False, True)
+        failed = SpooledUsage(2, "row-2", "k1", "u", 0, 0, now, "m", "spooled-bob", True, False)
         for _ in range(2):
-            await state.replay("row-1", "k1", "u", 7, 5, time.time())
+            await state.replay(charged)
+            await state.replay(failed)
         assert int(await r.hget("llmhost:usage:k1:total", "tokens")) == 12
+        assert int(await r.hget("llmhost:usage:k1:total", "requests")) == 1
+        day = day_of(now)
+        rows = {row.user: row for row in await read_redis_ledger(r, "llmhost:", day, day)}
+        assert rows["spooled-ann"] == Row("u", "m", "spooled-ann", day, 1, 0, 7, 5)
+        assert rows["spooled-bob"] == Row("u", "m", "spooled-bob", day, 1, 1, 0, 0)
         await r.aclose()
 
     asyncio.run(run())

@@ -80,7 +80,8 @@ LOAD = textwrap.dedent(
 def request_records(host: Any, since: float, user: str) -> list[dict[str, Any]]:
     """The gateway's request log lines of ``user`` since ``since`` (epoch seconds; from a
     second before), each with when it was admitted (``start``: its end less its duration,
-    plus the time it waited in the gateway's queue) and its ``end``, in epoch seconds."""
+    plus the time it waited in the gateway's queue), when vLLM's part of it ended
+    (``upstream_end``: ``start`` plus ``upstream_ms``) and its ``end``, in epoch seconds."""
     log = host.run(
         "journalctl -u llm-proxy -o cat --no-pager --since @%s", str(int(since) - 1)
     ).stdout
@@ -93,13 +94,24 @@ def request_records(host: Any, since: float, user: str) -> list[dict[str, Any]]:
             continue
         end = datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).timestamp()
         start = end - (r["duration_ms"] - r.get("queue_ms", 0)) / 1000
-        out.append({**r, "start": start, "end": end})
+        upstream_end = start + r.get("upstream_ms", 0) / 1000
+        out.append({**r, "start": start, "upstream_end": upstream_end, "end": end})
     return out
 
 
+# The log's timestamps are to the millisecond, and a slot passes from a request whose vLLM
+# part has ended to one that waited for it in well under that: each request's time at vLLM
+# is taken 5 ms shorter at both ends, so that rounding never shows a hand-over as an overlap
+# (a request admitted beyond the limit would overlap the others by its whole answer).
+_ROUNDING = 0.005
+
+
 def max_overlap(records: list[dict[str, Any]]) -> int:
-    """The most of ``records`` in flight at once, from each one's admission to its end."""
-    events = [(r["start"], 1) for r in records] + [(r["end"], -1) for r in records]
+    """The most of ``records`` at vLLM at once, from each one's admission to the end of its
+    answer from vLLM (the slot is held at least that long: it is given back as the request
+    is charged, before the last bytes reach the client)."""
+    events = [(r["start"] + _ROUNDING, 1) for r in records]
+    events += [(r["upstream_end"] - _ROUNDING, -1) for r in records]
     in_flight = peak = 0
     for _, step in sorted(events):  # at one instant, an end (-1) before a start
         in_flight += step
