@@ -68,9 +68,13 @@ RERUN = {
 ROLL = {
     "run": {"time_utc": "2030-01-02T03:04+00:00", "cpus": 4, "load_average_start": 1.5},
     "rate_per_second": 10,
+    "max_tokens": 8,
+    "key_concurrent": 4,
     "hosts": 2,
     "requests": 2345,
     "failed": 0,
+    "queued": 17,
+    "longest_queue_ms": 1234,
     "roll_seconds": 300.0,
     "out_of_rotation_seconds": {"gpu1": 140.2, "gpu2": 120.7},
 }
@@ -392,7 +396,9 @@ def test_the_roll_figures_come_from_roll_json(sources):
     prose = " ".join(sources["readme"].read_text().split())
     assert "over 2 gpu hosts took **5.0 min**" in prose
     assert "`gpu1` 140 s, `gpu2` 121 s" in prose
-    assert "2,345 requests, 0 failed" in prose
+    assert "2,345 requests, 0 failed; 17 of them waited" in prose
+    assert "(at most 1,234 ms)" in prose
+    assert "8-token answers" in prose and "allowed 4 at once" in prose
     assert "forever" not in prose
     sources["roll"].write_text(json.dumps({**ROLL, "failed": 3}))
     check = tool(sources, "--check")
