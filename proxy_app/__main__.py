@@ -214,6 +214,14 @@ def _usage(config: Config, since: str | None, until: str | None, by: str, fmt: s
         if not path.exists():
             print(f"llm-proxy usage: {path}: no usage recorded here yet", file=sys.stderr)
             return 1
+        owner = path.stat()
+        if os.geteuid() == 0 and owner.st_uid != 0:
+            # Run by root: read as the file's owner (the gateway's user), so that the journal
+            # files SQLite may create beside it are never root's, which the gateway could not
+            # open (not tested: the tests run as one user).
+            os.setgroups([])
+            os.setgid(owner.st_gid)
+            os.setuid(owner.st_uid)
         rows = read_sqlite_ledger(path, first, last)
     sys.stdout.write(render(aggregate(rows, groups), groups, fmt))
     return 0
