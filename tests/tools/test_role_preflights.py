@@ -116,6 +116,10 @@ CASES = {
         "vllm_api_key has about 113 bits of randomness, fewer than 128",
     ),
     "vllm-device-choice": ({"vllm_device": "gpu"}, "vllm_device must be one of: cuda, cpu"),
+    "vllm-mirror-without-url": (
+        {"vllm_model_source": "mirror", "vllm_model_mirror_url": "mirror.internal/qwen3"},
+        "vllm_model_source is mirror: set vllm_model_sync_src",
+    ),
     "grafana-default": ({"grafana_admin_password": "admin"}, "Grafana's default (admin)"),
     "redis-placeholder": (
         {"redis_password": "change-me-redis-password-long-random-string"},
@@ -178,6 +182,10 @@ def _preflights(inventory: Path, tmp_path: Path, *extra: str) -> dict[str, list[
                 for host, outcome in task["hosts"].items():
                     if outcome.get("failed"):
                         failures.setdefault(host, []).append(str(outcome.get("msg")))
+                        # A loop's failure: each failed item's own message.
+                        failures[host] += [
+                            str(r.get("msg")) for r in outcome.get("results", []) if r.get("failed")
+                        ]
         assert result["stats"], run.stderr[-2000:]
     return failures
 
