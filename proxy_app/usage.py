@@ -348,9 +348,9 @@ class SqliteUsageStore:
         await fut
 
     async def ledger(self, since: str, until: str) -> list[Row]:
-        assert self._db is not None
-        rows = self._db.execute(_LEDGER_SELECT, (since, until)).fetchall()
-        return [Row(*r) for r in rows]
+        # On a connection of its own in a thread: a report over many days and users reads
+        # many rows, which the requests on the event loop must not wait for.
+        return await asyncio.to_thread(read_sqlite_ledger, self.path, since, until)
 
     def _flush(self) -> None:
         if self._hold is not None or not self._pending:
