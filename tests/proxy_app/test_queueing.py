@@ -226,6 +226,14 @@ def _post_all(url: str, key: str, bodies: list[dict[str, Any]]) -> list[threadin
     return threads
 
 
+def _timed_post(url: str, key: str, tag: str) -> tuple[httpx.Response, float]:
+    """One completion of the fake's, and the seconds its answer took."""
+    with http(url, key) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/completions", json={"model": "fake", "prompt": "x", "fake_tag": tag})
+        return r, time.monotonic() - t0
+
+
 def _queued(gw_url: str, priority: str) -> float:
     return metric_value(
         http(gw_url).get("/metrics").text, "gateway_queue_length", {"priority": priority}
@@ -282,10 +290,7 @@ def test_a_queue_timeout_is_a_429_and_a_client_leaving_the_queue_costs_nothing(
     hold = {"model": "fake", "prompt": "x", "fake_delay": 3, "fake_tag": "hold"}
     threads = _post_all(gw.url, ADMIN_KEY, [hold])
     wait_for(lambda: len(_arrivals(fake, since)) == 1, 10, "the holding request")
-    with http(gw.url, USER_KEY) as c:
-        t0 = time.monotonic()
-        r = c.post("/v1/completions", json={"model": "fake", "prompt": "x", "fake_tag": "t"})
-        waited = time.monotonic() - t0
+    r, waited = _timed_post(gw.url, USER_KEY, "t")
     assert r.status_code == 429, r.text
     err = openai_error(r)
     assert err["code"] == "queue_timeout" and err["type"] == "requests"
@@ -359,10 +364,7 @@ def test_a_wait_for_a_slot_ends_in_the_limits_429_or_when_its_client_leaves(
     threads = _post_all(gw.url, USER_KEY, [hold])
     admin = _post_all(gw.url, ADMIN_KEY, [hold])
     wait_for(lambda: len(_arrivals(fake, since)) == 2, 10, "the holding requests")
-    with http(gw.url, USER_KEY) as c:
-        t0 = time.monotonic()
-        r = c.post("/v1/completions", json={"model": "fake", "prompt": "x", "fake_tag": "t"})
-        waited = time.monotonic() - t0
+    r, waited = _timed_post(gw.url, USER_KEY, "t")
     assert r.status_code == 429, r.text
     err = openai_error(r)
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests"
