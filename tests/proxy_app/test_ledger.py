@@ -196,8 +196,9 @@ def test_the_report_is_what_the_clients_were_told_across_a_kill_9(
 def test_reports_of_two_gateways_sharing_redis_agree_and_end_users_may_be_hashed(
     gateway_factory: GatewayFactory, fake: Upstream, redis_url: str, tmp_path: Path
 ) -> None:
-    """Requests through two gateways sharing Redis: either gateway's ``llm-proxy usage``
-    and admin API give the same report, the sum of what the clients were told; with
+    """Requests through two gateways sharing Redis, one of them killed with SIGKILL in the
+    middle and started again: either gateway's ``llm-proxy usage`` and admin API give the
+    same report, the sum of what the clients were told; with
     ``end_user_storage: hashed`` the end users are stored as hashes."""
     prefix = f"ledger-{tmp_path.name}:"
     common = {
@@ -210,7 +211,10 @@ def test_reports_of_two_gateways_sharing_redis_agree_and_end_users_may_be_hashed
     b = gateway_factory(fake, keys=KEYS, name="b", **common)
     expected: Counter[tuple[str, ...]] = Counter()
     _send(a, 12, expected)
+    a.kill9()
     _send(b, 12, expected)
+    a.start()
+    _send(a, 12, expected)
     _fail_once(b, expected)
 
     def hashed(name: str) -> str:
