@@ -183,6 +183,14 @@ bench-routing: venv ## Routing policies by vLLM's prefix-cache hits, on the demo
 	$(VENV)/bin/python bench/routing.py --inventory $(CLUSTER_INVENTORY)
 	$(VENV)/bin/python tools/readme_figures.py
 
+# On `make demo-cluster`'s hosts (root: it drops the page cache): a synthetic model to both
+# gpu hosts by copy, rsync and the mirror, first and with nothing to change
+# (bench/model_transfer.json).
+TRANSFER_GIB ?= 4
+bench-transfer: venv ## A model to the gpu hosts by copy, rsync and the mirror, on the demo cluster (not a test)
+	$(VENV)/bin/python bench/model_transfer.py --inventory $(CLUSTER_INVENTORY) --gib $(TRANSFER_GIB)
+	$(VENV)/bin/python tools/readme_figures.py
+
 # On `make demo`'s host: how soon vLLM stops after a client leaves (bench/leaving.json).
 bench-leaving: venv ## How soon vLLM stops after a client leaves, on the demo host (not a test)
 	$(VENV)/bin/python bench/leaving.py

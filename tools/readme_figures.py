@@ -3,7 +3,7 @@
     python tools/readme_figures.py           rewrite the blocks (and bench/RESULTS.md)
     python tools/readme_figures.py --check   fail when any of them differs (make lint)
 
-Nine blocks, each between its marker comments (`<!-- name:begin ... -->` and
+Ten blocks, each between its marker comments (`<!-- name:begin ... -->` and
 `<!-- name:end -->` lines) in exactly one of README.md and docs/*.md: a block is rendered in
 the file that holds it, so that a figure sits next to the text that explains it. A block in no
 file or in two is an error naming it. The blocks:
@@ -28,6 +28,9 @@ file or in two is an error naming it. The blocks:
 - ``fair``: an interactive key's time to first token while a batch key floods the model,
   today's way and with each part of fair sharing, from bench/fair.json (written by
   bench/fair.py, `make bench-fair`);
+- ``transfer``: a model's way to the gpu hosts by source (copy, rsync, the mirror), first
+  transfer and a re-run with nothing to change, from bench/model_transfer.json (written by
+  bench/model_transfer.py, `make bench-transfer`, on `make demo-cluster`'s hosts);
 - ``testtime``: how long `make test` took, stage by stage, from tests/stages.json (written
   by tools/test_stages.py when every stage passed);
 - ``alerts``: the alert table, from roles/prometheus/files/rules/llmhost.rules.yml: each
@@ -128,6 +131,7 @@ MEASURED: dict[str, tuple[str, ...]] = {
     "cluster-bench": ("proxy_app/", "roles/"),
     "routing": ("proxy_app/",),
     "fair": ("proxy_app/",),
+    "transfer": ("roles/vllm/", "roles/model_mirror/", "roles/common/files/"),
     "testtime": (
         "Makefile", "tests/", "molecule/", "tools/", "proxy_app/", "roles/", "playbooks/",
     ),
@@ -468,6 +472,56 @@ def render_routing(data: dict) -> str:
     )
 
 
+def render_transfer(data: dict) -> str:
+    """The model transfer table from bench/model_transfer.json (`make bench-transfer`)."""
+    run, model, src, proj = data["run"], data["model"], data["sources"], data["projection"]
+    names = {
+        "copy": "copy (`ansible.builtin.copy`, `sync` before)",
+        "rsync": "rsync (`ansible.posix.synchronize`, `sync` now)",
+        "mirror": "mirror (`llmhost-model fetch`)",
+    }
+    gb, hosts = proj["bytes"] / 1e9, proj["hosts"]
+    lines = [
+        "| source | first transfer | vs copy | re-run, nothing to change | vs copy "
+        f"| {gb:g} GB to {hosts} hosts: first | re-run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in src.items():
+        p = proj["sources"][name]
+        lines.append(
+            f"| {names.get(name, name)} | {r['first_seconds']:.1f} s | {r['first_vs_copy']:.2f}x "
+            f"| {r['no_change_seconds']:.1f} s | {r['no_change_vs_copy']:.2f}x "
+            f"| {_minutes(p['first_seconds'])} | {_minutes(p['no_change_seconds'])} |"
+        )
+    text = (
+        f"A model's way to the gpu hosts, by source (`make bench-transfer` on `make "
+        f"demo-cluster`'s {len(run['gpu_hosts'])} gpu hosts at once, run {run['time_utc'][:10]} "
+        f"on {run['cpus']} CPUs; a synthetic model of {model['bytes'] / (1 << 30):.1f} GiB in "
+        f"{model['files']} files, random bytes; each step's time from Ansible's own results, "
+        f"the page cache dropped before each; figures from `bench/model_transfer.json`):"
+    )
+    mirror, intake = src.get("mirror", {}), data["mirror_intake"]
+    hosts_said = ", ".join(f"{s:.2f} s" for s in mirror.get("no_change_host_seconds", {}).values())
+    after = (
+        f"The mirror's own no-change fetch took {hosts_said} by the hosts' clocks. Its intake, "
+        f"once per model and not per host: {intake['copy_seconds']:.1f} s to copy the model onto "
+        f"it, {intake['manifest_seconds']:.1f} s to write its SHA256SUMS. Projected columns: "
+        f"{proj['rule']} (x{proj['scale']:g} here)."
+    )
+    return (
+        textwrap.fill(text, WIDTH, break_on_hyphens=False)
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + textwrap.fill(after, WIDTH, break_on_hyphens=False)
+        + "\n"
+    )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def render_testtime(data: dict) -> str:
     """The test-time table from tests/stages.json (steps under a second left out)."""
     run = data["run"]
@@ -617,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", type=Path, default=REPO / "bench" / "cluster.json")
     parser.add_argument("--routing", type=Path, default=REPO / "bench" / "routing.json")
     parser.add_argument("--fair", type=Path, default=REPO / "bench" / "fair.json")
+    parser.add_argument("--transfer", type=Path, default=REPO / "bench" / "model_transfer.json")
     parser.add_argument(
         "--rules", type=Path, default=REPO / "roles/prometheus/files/rules/llmhost.rules.yml"
     )
@@ -637,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "routing": (render_routing, json.loads(args.routing.read_text()), args.routing),
             "fair": (render_fair, json.loads(args.fair.read_text()), args.fair),
+            "transfer": (render_transfer, json.loads(args.transfer.read_text()), args.transfer),
         }  # fmt: skip
         place_block(pages, "alerts", render_alerts(yaml.safe_load(args.rules.read_text())))
         for name, (render, block_data, source) in blocks.items():
@@ -662,10 +718,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{path} differs from what tools/readme_figures.py renders from {args.results.name}, "
             f"{args.rules.name}, {args.rerun.name}, {args.roll.name}, {args.gap.name}, "
             f"{args.leaving.name}, {args.stages.name}, {args.cluster.name}, "
-            f"{args.routing.name} and {args.fair.name}: do not "
+            f"{args.routing.name}, {args.fair.name} and {args.transfer.name}: do not "
             "edit it by hand; "
             "run `python tools/readme_figures.py` (after `make bench`, `make bench-cluster`, "
-            "`make bench-routing`, "
+            "`make bench-routing`, `make bench-transfer`, "
             "a run of the stack or "
             "cluster scenario, or "
             "after changing the rules or the wording in tools/readme_figures.py)",

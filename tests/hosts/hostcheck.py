@@ -59,13 +59,15 @@ def hosts_running(groups: dict[str, set[str]]) -> dict[str, set[str]]:
     """What each kind of check applies to, from the groups as the playbooks deploy them:
     vLLM on `gpu` hosts; the gateway and nginx on the `gateway` hosts, or on the `gpu`
     hosts when that group is empty or absent (playbooks/serving.yml); Redis on `redis`;
-    Prometheus and Grafana on `monitoring`; node exporter and llmhost.target everywhere."""
+    Prometheus and Grafana on `monitoring`; the model mirror on `model_mirror`; node exporter
+    and llmhost.target everywhere."""
     gpu = groups.get("gpu", set())
     return {
         "vllm": gpu,
         "gateway": groups.get("gateway") or gpu,
         "redis": groups.get("redis", set()),
         "monitoring": groups.get("monitoring", set()),
+        "model_mirror": groups.get("model_mirror", set()),
         "all": groups.get("all", set()),
     }
 

@@ -19,6 +19,7 @@ UNITS = {
     "gateway": ["llm-proxy.service", "nginx.service"],
     "redis": ["redis-server.service"],
     "monitoring": ["prometheus.service"],
+    "model_mirror": ["llmhost-model-mirror.service"],
     "all": ["prometheus-node-exporter.service"],
 }
 

@@ -1,4 +1,4 @@
-"""roles/vllm/files/llmhost-model: a model fetched from a mirror over real HTTP (a server in
+"""roles/common/files/llmhost-model: a model fetched from a mirror over real HTTP (a server in
 this process serving a directory, with Range requests as nginx answers them), verified
 against its SHA256SUMS, resumed, and not read again when nothing changed.
 
@@ -24,7 +24,7 @@ from types import ModuleType
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[2] / "roles" / "vllm" / "files" / "llmhost-model"
+TOOL = Path(__file__).resolve().parents[2] / "roles" / "common" / "files" / "llmhost-model"
 
 
 def _tool() -> ModuleType:

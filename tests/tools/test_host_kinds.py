@@ -22,7 +22,14 @@ def _runs(inventory: str) -> dict[str, set[str]]:
 def test_one_host_runs_everything_but_redis():
     runs = _runs("inventories/local")
     host = {"llmhost-demo"}
-    assert runs == {"vllm": host, "gateway": host, "redis": set(), "monitoring": host, "all": host}
+    assert runs == {
+        "vllm": host,
+        "gateway": host,
+        "redis": set(),
+        "monitoring": host,
+        "model_mirror": set(),
+        "all": host,
+    }
 
 
 def test_the_local_cluster_checks_gateways_apart_from_gpu_hosts():
@@ -30,7 +37,7 @@ def test_the_local_cluster_checks_gateways_apart_from_gpu_hosts():
     gpu = {"llmhost-demo-gpu1", "llmhost-demo-gpu2"}
     assert runs["vllm"] == gpu
     assert runs["gateway"] == {"llmhost-demo-gw1", "llmhost-demo-gw2"}
-    assert runs["redis"] == runs["monitoring"] == {"llmhost-demo-redis"}
+    assert runs["redis"] == runs["monitoring"] == runs["model_mirror"] == {"llmhost-demo-redis"}
     assert runs["all"] == gpu | runs["gateway"] | runs["redis"]
 
 
@@ -40,4 +47,5 @@ def test_the_example_inventory():
     assert runs["gateway"] == {"gw01.example.internal", "gw02.example.internal"}
     assert runs["redis"] == {"redis01.example.internal"}
     assert runs["monitoring"] == {"mon01.example.internal"}
+    assert runs["model_mirror"] == set()
     assert len(runs["all"]) == 6

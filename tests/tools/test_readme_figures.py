@@ -205,6 +205,46 @@ ROUTING = {
 }
 
 
+def _transfer(first: float, again: float, vs_copy: tuple[float, float]) -> dict:
+    return {
+        "first_seconds": first,
+        "no_change_seconds": again,
+        "first_vs_copy": vs_copy[0],
+        "no_change_vs_copy": vs_copy[1],
+    }
+
+
+TRANSFER = {
+    "run": {
+        "time_utc": "2026-12-08T01:00:00+00:00",
+        "cpus": 2,
+        "commit": "abc1234",
+        "gpu_hosts": ["gpu1", "gpu2"],
+    },
+    "model": {"bytes": 4 * (1 << 30) + 1000, "files": 8, "shard_bytes": 1 << 30},
+    "mirror_intake": {"copy_seconds": 30.5, "manifest_seconds": 12.25},
+    "sources": {
+        "copy": _transfer(100.0, 40.0, (1.0, 1.0)),
+        "rsync": _transfer(50.0, 2.0, (0.5, 0.05)),
+        "mirror": {
+            **_transfer(20.0, 1.5, (0.2, 0.0375)),
+            "no_change_host_seconds": {"gpu1": 0.05, "gpu2": 0.07},
+        },
+    },
+    "projection": {
+        "bytes": 160 * 10**9,
+        "hosts": 6,
+        "scale": 111.76,
+        "rule": "first: measured x (bytes / model bytes) x (hosts / gpu hosts)",
+        "sources": {
+            "copy": {"first_seconds": 11176, "no_change_seconds": 4470.4},
+            "rsync": {"first_seconds": 5588, "no_change_seconds": 2.0},
+            "mirror": {"first_seconds": 2235, "no_change_seconds": 1.5},
+        },
+    },
+}
+
+
 def _fair(p50: float, p95: float, tps: float, vs_idle: float, vs_today: float | None) -> dict:
     mode = {"ttft_p50_ms": p50, "ttft_p95_ms": p95, "batch_tokens_per_s": tps}
     mode |= {"ttft_p95_vs_idle": vs_idle, "batch_answers": {"batch0": 10}}
@@ -274,6 +314,9 @@ Routing is perfect.
 <!-- fair:begin: generated -->
 Everyone is served at once.
 <!-- fair:end -->
+<!-- transfer:begin: generated -->
+Models arrive at once.
+<!-- transfer:end -->
 """
 
 
@@ -292,6 +335,7 @@ def sources(tmp_path: Path) -> dict[str, Path]:
         "cluster": tmp_path / "cluster.json",
         "routing": tmp_path / "routing.json",
         "fair": tmp_path / "fair.json",
+        "transfer": tmp_path / "model_transfer.json",
         "docs": tmp_path / "docs",
     }
     paths["docs"].mkdir()
@@ -305,6 +349,7 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     paths["cluster"].write_text(json.dumps(CLUSTER))
     paths["routing"].write_text(json.dumps(ROUTING))
     paths["fair"].write_text(json.dumps(FAIR))
+    paths["transfer"].write_text(json.dumps(TRANSFER))
     paths["rules"].write_text(RULES.read_text())
     return paths
 
@@ -620,3 +665,20 @@ def test_the_age_counts_commits_to_the_measured_code_only():
     # Nothing measured changed between HEAD and HEAD.
     said = figures.provenance("bench", {"run": {"commit": head}}, Path("x.json"))
     assert said == f"Measured at commit {head}; `proxy_app/` unchanged since."
+
+
+def test_the_transfer_table_comes_from_model_transfer_json(sources):
+    assert tool(sources).returncode == 0
+    docs = sources["readme"].read_text()
+    assert "| mirror (`llmhost-model fetch`) | 20.0 s | 0.20x | 1.5 s | 0.04x | 37 min | 1.5 s |" in docs
+    assert "| copy (`ansible.builtin.copy`, `sync` before) | 100.0 s | 1.00x | 40.0 s | 1.00x" in docs
+    flat = " ".join(docs.split())
+    assert "a synthetic model of 4.0 GiB in 8 files" in flat
+    assert "took 0.05 s, 0.07 s by the hosts' clocks" in flat
+    assert "30.5 s to copy the model onto it, 12.2 s to write its SHA256SUMS" in flat
+    assert "arrive at once" not in docs
+    slower = {**TRANSFER, "mirror_intake": {"copy_seconds": 31.0, "manifest_seconds": 12.25}}
+    sources["transfer"].write_text(json.dumps(slower))
+    check = tool(sources, "--check")
+    assert check.returncode == 1
+    assert "model_transfer.json" in check.stderr

@@ -47,6 +47,8 @@ def _good_vars() -> dict:
         "llm_proxy_redis_url": "redis://127.0.0.1:6379/0",
         # These plays are written to a temporary folder, not the bundle's playbooks/.
         "llm_proxy_source_dir": str(ROOT),
+        # The default source (hub), pinned.
+        "vllm_model_revision": "0123456789abcdef0123456789abcdef01234567",
     }
 
 
@@ -120,6 +122,18 @@ CASES = {
         {"vllm_model_source": "mirror", "vllm_model_mirror_url": "mirror.internal/qwen3"},
         "vllm_model_source is mirror: set vllm_model_sync_src",
     ),
+    "vllm-hub-branch": (
+        {"vllm_model_revision": "main"},
+        'vllm_model_revision is "main", not a commit: pin the commit of Qwen/Qwen3-Next-80B',
+    ),
+    "vllm-instance-hub-unset": (
+        {
+            "vllm_instances": [
+                {"name": "coder", "served_model_name": "coder", "port": 8003, "model_revision": ""}
+            ]
+        },
+        'vllm_instances (coder).model_revision is "", not a commit',
+    ),
     "grafana-default": ({"grafana_admin_password": "admin"}, "Grafana's default (admin)"),
     "redis-placeholder": (
         {"redis_password": "change-me-redis-password-long-random-string"},
@@ -150,6 +164,15 @@ CASES = {
         {"grafana_install_source": "tarball"},
         "grafana_install_source must be one of: repository, deb, none",
     ),
+}
+
+
+# Good choices beside the good host's (host name -> variables over the good ones).
+GOOD = {
+    "vllm-hub-branch-unpinned": {
+        "vllm_model_revision": "main",
+        "vllm_model_revision_unpinned": True,
+    },
 }
 
 
@@ -193,7 +216,7 @@ def _preflights(inventory: Path, tmp_path: Path, *extra: str) -> dict[str, list[
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory) -> dict[str, list[str]]:
     tmp_path = tmp_path_factory.mktemp("preflights")
-    hosts = {"good": _good_vars()}
+    hosts = {"good": _good_vars(), **{n: {**_good_vars(), **o} for n, o in GOOD.items()}}
     for name, (override, _) in CASES.items():
         hosts[name] = {**_good_vars(), **override}
     inventory = tmp_path / "hosts.yml"
@@ -208,6 +231,11 @@ def refusals(tmp_path_factory) -> dict[str, list[str]]:
 
 def test_good_secrets_pass(refusals):
     assert "good" not in refusals, refusals.get("good")
+
+
+@pytest.mark.parametrize("case", sorted(GOOD))
+def test_other_good_choices_pass(refusals, case):
+    assert case not in refusals, refusals.get(case)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -263,6 +291,8 @@ def test_the_example_inventory_works_once_its_placeholders_are_replaced(tmp_path
         if "key_sha256" in entry:
             entry["key_sha256"] = _sha(_good_key())
     gateway.write_text(yaml.safe_dump(settings))
+    vllm = inventory / "group_vars" / "gpu" / "vllm.yml"
+    vllm.write_text(vllm.read_text().replace("<40-hex commit of the model on the hub>", "ab" * 20))
     refusals = _preflights(
         inventory,
         tmp_path,
