@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from standin_hub import COMMIT, REPO, Hub
 
 TOOL = Path(__file__).resolve().parents[2] / "roles" / "common" / "files" / "llmhost-model"
 
@@ -251,3 +252,87 @@ def test_the_manifest_is_sha256sums_format(tmp_path: Path) -> None:
     digest = hashlib.sha256((d / "config.json").read_bytes()).hexdigest()
     assert f"{digest}  config.json" in lines
     assert "  tokenizer/tokenizer.json" in (d / "SHA256SUMS").read_text()
+
+
+@pytest.fixture
+def hub() -> Iterator[Hub]:
+    files = {
+        "config.json": b'{"architectures": ["TinyChat"]}',
+        "tokenizer/tokenizer.json": b"{}",
+        **{f"model-{i:05d}-of-00002.safetensors": os.urandom(200 * 1024) for i in (1, 2)},
+    }
+    h = Hub(files)
+    yield h
+    h.close()
+
+
+def _from_hub(hub: Hub, dest: Path, token: str | None = None) -> dict:
+    return model_tool.hub(hub.endpoint, REPO, COMMIT, dest, 2, 0, 10, token)
+
+
+def test_a_hub_model_lands_on_the_mirror_with_the_hubs_own_hashes(hub: Hub, tmp_path: Path) -> None:
+    on_mirror = tmp_path / "mirror" / "tiny"
+    out = _from_hub(hub, on_mirror)
+    assert out["changed"] and out["commit"] == COMMIT
+    assert out["bytes_transferred"] == sum(len(d) for d in hub.files.values())
+    for path, data in hub.files.items():
+        assert (on_mirror / path).read_bytes() == data
+    # The manifest is the hub's sha256 for the LFS files (and the sha256 of the small files,
+    # whose bytes matched the hub's git blob id).
+    manifest = model_tool.parse_manifest((on_mirror / "SHA256SUMS").read_text())
+    for entry in hub.siblings():
+        if "lfs" in entry:
+            assert manifest[entry["rfilename"]] == entry["lfs"]["sha256"]
+    assert set(manifest) == set(hub.files)
+    # Once there, a re-run asks the hub for the list only.
+    hub.sent.clear()
+    again = _from_hub(hub, on_mirror)
+    assert again == {"changed": False, "files": 4, "commit": COMMIT}
+    assert sum(hub.sent.values()) == 0
+    # The gpu hosts fetch it from the mirror, checked against those hashes.
+    mirror = Mirror(tmp_path / "mirror")
+    try:
+        assert _fetch(mirror, tmp_path / "gpu" / "tiny")["changed"]
+    finally:
+        mirror.close()
+    assert all((tmp_path / "gpu" / "tiny" / p).read_bytes() == d for p, d in hub.files.items())
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [("model-00002-of-00002.safetensors", "sha256"), ("config.json", "git blob")],
+)
+def test_bytes_unlike_the_hubs_hash_are_refused_naming_the_file(
+    hub: Hub, tmp_path: Path, path: str, kind: str
+) -> None:
+    data = bytearray(hub.files[path])
+    data[len(data) // 2] ^= 1
+    hub.served[path] = bytes(data)
+    with pytest.raises(model_tool.Refused, match=rf"^{path}: {kind} [0-9a-f]+ does not match"):
+        _from_hub(hub, tmp_path / "mirror" / "tiny")
+    assert not (tmp_path / "mirror" / "tiny").exists()
+    # Once the hub gives the right bytes, the files that were fine are not fetched again.
+    del hub.served[path]
+    hub.sent.clear()
+    assert _from_hub(hub, tmp_path / "mirror" / "tiny")["changed"]
+    assert set(hub.sent) == {path}
+
+
+def test_a_commit_the_hub_does_not_confirm_is_refused(hub: Hub, tmp_path: Path) -> None:
+    hub.answer_commit = "f" * 40
+    with pytest.raises(model_tool.Refused, match=f"the hub answered commit 'f{{40}}' for {COMMIT}"):
+        _from_hub(hub, tmp_path / "m")
+
+
+def test_a_gated_model_needs_its_token_from_a_file(hub: Hub, tmp_path: Path, capsys) -> None:
+    hub.token = secret = "hf_" + os.urandom(8).hex()
+    args = ["hub", "--endpoint", hub.endpoint, "--repo", REPO, "--revision", COMMIT]
+    args += ["--dest", str(tmp_path / "m"), "--margin", "0"]
+    assert model_tool.main(args) == 1
+    assert "401" in capsys.readouterr().err
+    token = tmp_path / "token"
+    token.write_text(secret + "\n")
+    assert model_tool.main([*args, "--token-file", str(token)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["changed"] is True
+    assert secret not in out.out + out.err

@@ -47,5 +47,5 @@ def test_the_example_inventory():
     assert runs["gateway"] == {"gw01.example.internal", "gw02.example.internal"}
     assert runs["redis"] == {"redis01.example.internal"}
     assert runs["monitoring"] == {"mon01.example.internal"}
-    assert runs["model_mirror"] == set()
+    assert runs["model_mirror"] == {"mon01.example.internal"}
     assert len(runs["all"]) == 6

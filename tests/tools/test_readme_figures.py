@@ -670,8 +670,13 @@ def test_the_age_counts_commits_to_the_measured_code_only():
 def test_the_transfer_table_comes_from_model_transfer_json(sources):
     assert tool(sources).returncode == 0
     docs = sources["readme"].read_text()
-    assert "| mirror (`llmhost-model fetch`) | 20.0 s | 0.20x | 1.5 s | 0.04x | 37 min | 1.5 s |" in docs
-    assert "| copy (`ansible.builtin.copy`, `sync` before) | 100.0 s | 1.00x | 40.0 s | 1.00x" in docs
+    assert (
+        "| mirror (`llmhost-model fetch`) | 20.0 s | 0.20x | 1.5 s | 0.04x | 37 min | 1.5 s |"
+        in docs
+    )
+    assert (
+        "| copy (`ansible.builtin.copy`, `sync` before) | 100.0 s | 1.00x | 40.0 s | 1.00x" in docs
+    )
     flat = " ".join(docs.split())
     assert "a synthetic model of 4.0 GiB in 8 files" in flat
     assert "took 0.05 s, 0.07 s by the hosts' clocks" in flat

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = ("llm_proxy", "vllm", "grafana", "redis")
+ROLES = ("llm_proxy", "vllm", "grafana", "redis", "model_mirror")
 
 
 def _good_key() -> str:
@@ -134,6 +134,22 @@ CASES = {
         },
         'vllm_instances (coder).model_revision is "", not a commit',
     ),
+    "mirror-hub-branch": (
+        {"model_mirror_models": [{"name": "coder", "hub_id": "acme/coder", "revision": "main"}]},
+        'item 1 (coder): revision "main" is not a commit: pin the 40-hex commit of acme/coder',
+    ),
+    "mirror-src-and-hub": (
+        {"model_mirror_models": [{"name": "coder", "src": "/tmp", "hub_id": "acme/coder"}]},
+        "item 1 (coder): give src (a directory on the controller) or hub_id and revision",
+    ),
+    "mirror-bad-name": (
+        {"model_mirror_models": [{"name": "../up", "src": "/tmp"}]},
+        'model_mirror_models: item 1: name "../up" is not a directory name',
+    ),
+    "mirror-src-missing": (
+        {"model_mirror_models": [{"name": "tiny", "src": "/nonexistent/tiny"}]},
+        "model_mirror_models, tiny: /nonexistent/tiny is not a directory on the controller.",
+    ),
     "grafana-default": ({"grafana_admin_password": "admin"}, "Grafana's default (admin)"),
     "redis-placeholder": (
         {"redis_password": "change-me-redis-password-long-random-string"},
@@ -181,7 +197,8 @@ def _preflights(inventory: Path, tmp_path: Path, *extra: str) -> dict[str, list[
     failures: dict[str, list[str]] = {}
     for role in ROLES:
         play = tmp_path / f"{role}.yml"
-        group = {"grafana": "monitoring", "redis": "redis"}.get(role, "gpu")
+        group = {"grafana": "monitoring", "redis": "redis", "model_mirror": "model_mirror"}
+        group = group.get(role, "gpu")
         play.write_text(yaml.safe_dump([{"hosts": group, "gather_facts": False, "roles": [role]}]))
         env = dict(
             os.environ,
@@ -223,7 +240,13 @@ def refusals(tmp_path_factory) -> dict[str, list[str]]:
     everywhere = {"hosts": hosts}
     inventory.write_text(
         yaml.safe_dump(
-            {"all": {"children": {g: everywhere for g in ("gpu", "monitoring", "redis")}}}
+            {
+                "all": {
+                    "children": {
+                        g: everywhere for g in ("gpu", "monitoring", "redis", "model_mirror")
+                    }
+                }
+            }
         )
     )
     return _preflights(inventory, tmp_path)
@@ -273,7 +296,9 @@ def test_the_example_inventory_as_shipped_is_refused(tmp_path):
     assert "vllm_api_key is a placeholder" in gateway
     redis = " ".join(refusals["redis01.example.internal"])
     assert "redis_password is a placeholder" in redis, redis
-    assert "grafana_admin_password is a placeholder" in " ".join(refusals["mon01.example.internal"])
+    monitoring = " ".join(refusals["mon01.example.internal"])
+    assert "grafana_admin_password is a placeholder" in monitoring
+    assert 'revision "<40-hex commit of the model on the hub>" is not a commit' in monitoring
 
 
 def test_the_example_inventory_works_once_its_placeholders_are_replaced(tmp_path):
@@ -291,8 +316,10 @@ def test_the_example_inventory_works_once_its_placeholders_are_replaced(tmp_path
         if "key_sha256" in entry:
             entry["key_sha256"] = _sha(_good_key())
     gateway.write_text(yaml.safe_dump(settings))
-    vllm = inventory / "group_vars" / "gpu" / "vllm.yml"
-    vllm.write_text(vllm.read_text().replace("<40-hex commit of the model on the hub>", "ab" * 20))
+    mirror = inventory / "group_vars" / "model_mirror" / "model_mirror.yml"
+    mirror.write_text(
+        mirror.read_text().replace("<40-hex commit of the model on the hub>", "ab" * 20)
+    )
     refusals = _preflights(
         inventory,
         tmp_path,

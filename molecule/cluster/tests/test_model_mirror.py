@@ -13,11 +13,16 @@ put where a cut leaves it, and the real mirror (nginx) answers the resumed reque
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
+import secrets
 import shlex
 import subprocess
 from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,6 +34,8 @@ PROJECT = SCENARIO.parent.parent
 MIRROR = REDIS  # the scenario's model_mirror host
 ON_MIRROR = "/srv/llmhost-models/tiny"
 MODEL = "/var/lib/vllm/models/tiny"
+# The controller's address on the scenario's network, where the mirror host reaches it.
+GATEWAY_IP = "{{(index .IPAM.Config 0).Gateway}}"
 FETCH_TASK = "Fetch the models from their mirror, verified against SHA256SUMS"
 # The no-change model step, per host (docs/operating.md's figure, tools/readme_figures.py).
 RESULTS = SCENARIO / "mirror.json"
@@ -41,10 +48,18 @@ def _url() -> str:
 def _model_step(limit: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     """site.yml's vLLM model step (--tags vllm_model) on ``limit`` (and the mirror, whose
     address the gpu hosts' URL is made of), as an operator runs it; its JSON results."""
+    return _site(f"{limit},model_mirror", "vllm_model")
+
+
+def _site(
+    limit: str, tags: str, extra: dict[str, Any] | None = None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """site.yml with ``--limit``, ``--tags`` and extra variables; its JSON results."""
     run = subprocess.run(
         [
             *("ansible-playbook", "-i", inventory(), str(PROJECT / "site.yml")),
-            *("--limit", f"{limit},model_mirror", "--tags", "vllm_model"),
+            *("--limit", limit, "--tags", tags),
+            *(("-e", json.dumps(extra)) if extra else ()),
         ],
         capture_output=True,
         text=True,
@@ -52,7 +67,8 @@ def _model_step(limit: str) -> tuple[subprocess.CompletedProcess[str], dict[str,
             os.environ,
             ANSIBLE_ROLES_PATH=str(PROJECT / "roles"),
             ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
-            ANSIBLE_CALLBACKS_ENABLED="",  # no profile_tasks (Molecule's) in the JSON
+            # The repository's settings: Molecule's add profile_tasks' lines to the JSON.
+            ANSIBLE_CONFIG=str(PROJECT / "ansible.cfg"),
         ),
         timeout=600,
         cwd=PROJECT,
@@ -60,18 +76,29 @@ def _model_step(limit: str) -> tuple[subprocess.CompletedProcess[str], dict[str,
     return run, json.loads(run.stdout)
 
 
+def _standin_hub() -> ModuleType:
+    """tests/roles/standin_hub.py: a stand-in hub (no hub is reachable from the test bed)."""
+    path = PROJECT / "tests" / "roles" / "standin_hub.py"
+    spec = importlib.util.spec_from_file_location("standin_hub", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _task(results: dict[str, Any], name: str) -> dict[str, Any]:
     """The hosts' results of the task called ``name``."""
     for play in results["plays"]:
         for task in play["tasks"]:
-            if task["task"]["name"] == name:
+            if task["task"]["name"].rpartition(" : ")[2] == name:  # "<role> : <task>"
                 return task["hosts"]
     raise AssertionError(f"no task {name!r} ran")
 
 
-def _fetch(cluster: Cluster, host: str, dest: str, *extra: str) -> Any:
+def _fetch(cluster: Cluster, host: str, dest: str, *extra: str, url: str = "") -> Any:
     """The fetch script on ``host`` as the vllm user, as the role runs it."""
-    argv = ["/usr/local/bin/llmhost-model", "fetch", "--url", _url(), "--dest", dest, *extra]
+    argv = ["/usr/local/bin/llmhost-model", "fetch", "--url", url or _url(), "--dest", dest]
+    argv += extra
     return cluster.hosts[host].run("runuser -u vllm -- " + shlex.join(argv))
 
 
@@ -87,9 +114,10 @@ def test_both_gpu_hosts_serve_the_mirrors_model_every_file_verified(cluster: Clu
         assert hub.rc != 0, f"{h} reached the hub"
         env = cluster.run(h, "systemctl show -p Environment --value vllm")
         assert "HF_HUB_OFFLINE=1" in env, env
-        served = cluster.run(h, "systemctl show -p ActiveEnterTimestampMonotonic --value vllm")
-        fetched = cluster.run(h, f"stat -c %Y {MODEL}/.llmhost-manifest.json")
-        assert int(served) > 0 and int(fetched) > 0
+        # vLLM started after the model was verified and put in place: it serves those bytes.
+        started = 'date -d "$(systemctl show -p ActiveEnterTimestamp --value vllm)" +%s'
+        verified = cluster.run(h, f"stat -c %Y {MODEL}/.llmhost-manifest.json")
+        assert int(cluster.run(h, started)) >= int(verified), h
 
 
 def test_only_the_gpu_hosts_reach_the_mirror(cluster: Cluster):
@@ -227,3 +255,62 @@ def test_a_disk_without_room_is_refused_before_any_transfer(cluster: Cluster):
         assert cluster.hosts[host].run(f"test -e {scratch}").rc != 0
     finally:
         cluster.run(host, f"rm -rf {scratch} {scratch}.staging")
+
+
+def test_a_hub_model_is_downloaded_once_by_the_mirror_and_spread_from_it(cluster: Cluster):
+    """The tiny model's files as a gated hub repository at a commit (a stand-in hub on the
+    controller, which the mirror host reaches on the scenario's network): the mirror role
+    downloads it once with the token, its SHA256SUMS the hub's own hashes; both gpu hosts
+    fetch it from the mirror and never ask the hub; a re-run downloads nothing."""
+    standin = _standin_hub()
+    model = Path(os.environ["LLMHOST_CACHE_DIR"]) / "tiny-model"
+    files = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    hub = standin.Hub(files, token="hf_" + secrets.token_hex(12), bind="0.0.0.0")
+    network = subprocess.run(
+        [*("docker", "network", "inspect", "llmhost-molecule-cluster"), "-f", GATEWAY_IP],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    extra = {
+        "model_mirror_models": [
+            {"name": "tiny", "src": str(model)},
+            {"name": "tiny-hub", "hub_id": standin.REPO, "revision": standin.COMMIT},
+        ],
+        "model_mirror_hub_endpoint": f"http://{network}:{hub.port}",
+        "model_mirror_hf_token": hub.token,
+    }
+    on_mirror, scratch = "/srv/llmhost-models/tiny-hub", "/var/lib/vllm/models/hub-test"
+    task = "Download the hub models, checked against the hub's own hashes"
+    try:
+        run, results = _site("model_mirror", "model_mirror_models", extra)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        (first,) = _task(results, task)[MIRROR]["results"]
+        assert json.loads(first["stdout"])["commit"] == standin.COMMIT and first["changed"]
+        assert hub.token not in run.stdout  # the token reached the hub through a file
+        assert (
+            cluster.run(MIRROR, "stat -c '%U %a' /etc/llmhost-model-mirror/hf-token")
+            == "root 600\n"
+        )
+        manifest = cluster.run(MIRROR, f"cat {on_mirror}/SHA256SUMS")
+        for entry in hub.siblings():
+            want = entry["lfs"]["sha256"] if "lfs" in entry else None
+            want = want or hashlib.sha256(files[entry["rfilename"]]).hexdigest()
+            assert f"{want}  {entry['rfilename']}\n" in manifest, (entry, manifest)
+        once = {p: len(d) for p, d in files.items()}
+        assert dict(hub.sent) == once
+        for h in GPU_HOSTS:
+            fetched = _fetch(cluster, h, scratch, "--margin", "0", url=f"{_url()}-hub")
+            assert fetched.rc == 0, fetched.stderr
+            assert json.loads(fetched.stdout)["changed"] is True
+            cluster.run(h, f"cd {scratch} && sha256sum --quiet --strict -c SHA256SUMS")
+        assert dict(hub.sent) == once  # the gpu hosts fetched from the mirror only
+        run, results = _site("model_mirror", "model_mirror_models", extra)
+        assert run.returncode == 0, run.stdout[-3000:]
+        (again,) = _task(results, task)[MIRROR]["results"]
+        assert not again["changed"] and dict(hub.sent) == once
+    finally:
+        hub.close()
+        cluster.run(MIRROR, f"rm -rf {on_mirror} /etc/llmhost-model-mirror/hf-token")
+        for h in GPU_HOSTS:
+            cluster.run(h, f"rm -rf {scratch} {scratch}.staging")
