@@ -6,7 +6,7 @@ in LFS), and `resolve/<commit>/<file>`, which redirects a large file to its cont
 Range requests are answered; the bytes sent are counted per file.
 
 Used by tests/roles/test_model_mirror.py (in this process) and by the cluster scenario's
-molecule/cluster/tests/test_model_mirror.py (on the controller, reached by the mirror host).
+molecule/cluster/tests/test_model_weights.py (on the controller, reached by the mirror host).
 """
 
 from __future__ import annotations

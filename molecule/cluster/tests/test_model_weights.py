@@ -1,11 +1,13 @@
-"""The models' mirror end to end on the cluster's hosts (roles/model_mirror on llmhost-redis,
-vllm_model_source: mirror on both gpu hosts, inventories/local-cluster): the tiny model on
-both gpu hosts is the mirror's, every file verified, and served with the hub out of reach;
-the role's model step with nothing to change, timed on each host's own clock; a file whose
-bytes do not match the manifest fails the run naming host, instance and file while the model
-in place goes on serving; a download left half done is resumed with a Range request for the
-rest; a disk without room is refused before any byte moves; only the gpu hosts reach the
-mirror.
+"""Model weights through the models' mirror, end to end on the cluster's hosts
+(roles/model_mirror on llmhost-redis, vllm_model_source: mirror on both gpu hosts,
+inventories/local-cluster): the tiny model on both gpu hosts is the mirror's, every file
+verified, and served with the hub out of reach; the role's model step with nothing to change,
+timed on each host's own clock; a file whose bytes do not match the manifest fails the run
+naming host, instance and file while the model in place goes on serving; a download left half
+done is resumed with a Range request for the rest; a disk without room is refused before any
+byte moves; only the gpu hosts reach the mirror; a hub model downloaded once by the mirror and
+spread from it. (Not test_model_mirror.py: tests/hosts/ has that name, and the verify collects
+both.)
 
 What the cut itself looks like (a connection closed in the middle of a file) is tested on
 the fetch script over real HTTP (tests/roles/test_model_mirror.py); here the half-done file is
