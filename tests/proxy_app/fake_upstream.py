@@ -17,7 +17,8 @@ behaviour:
   fake-usage      normal answer; usage prompt=``fake_prompt_tokens`` (default 7),
                   completion=max_tokens x n
 
-Every model answers after ``fake_delay`` seconds (a request field, default 0).
+Every model answers after ``fake_delay`` seconds (a request field, default 0), and not before
+the gate named by ``fake_gate`` (a request field) is opened: POST /_open/<name>.
 
 GET /_stats (straight to this server, not through the gateway) returns counters and the
 last request body received, so tests can see what the gateway sent and whether it hung up;
@@ -45,6 +46,8 @@ STATS: dict[str, object] = {
     "arrivals": [],
     "in_flight": 0,
 }
+# Gates a request may wait for (fake_gate), opened by POST /_open/<name>.
+GATES: dict[str, asyncio.Event] = {}
 
 
 def _chunk(i: int, model: str, obj: str) -> bytes:
@@ -90,6 +93,10 @@ async def app(scope, receive, send) -> None:
     if path == "/_stats":
         await _json(send, 200, STATS)
         return
+    if path.startswith("/_open/"):
+        GATES.setdefault(path[len("/_open/") :], asyncio.Event()).set()
+        await _json(send, 200, {"opened": path[len("/_open/") :]})
+        return
     if path == "/_health":
         body = await _read_body(receive)
         STATS["health"] = body.decode()
@@ -132,7 +139,10 @@ async def app(scope, receive, send) -> None:
 async def _answer(scope, receive, send, path: str, req: dict) -> None:
     model = req.get("model", "fake")
     usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
-    # Any model: answer after ``fake_delay`` seconds (a request in flight for that long).
+    # Any model: answer after ``fake_delay`` seconds (a request in flight for that long), and
+    # once its gate (if any) is open.
+    if req.get("fake_gate"):
+        await GATES.setdefault(req["fake_gate"], asyncio.Event()).wait()
     await asyncio.sleep(float(req.get("fake_delay", 0)))
     if path == "/v1/embeddings":
         await _json(

@@ -256,13 +256,17 @@ def test_a_busy_model_serves_the_keys_in_turn_and_never_more_than_its_places(
         return {"model": "fake", "prompt": "x", "fake_delay": 0.2, "fake_tag": tag}
 
     # user1 may have one request in flight: its queued ones hold no concurrency slot (each
-    # is admitted when it gets its place), so none of them is refused.
-    threads = _post_all(gw.url, USER_KEY, [body("u")])
+    # is admitted when it gets its place), so none of them is refused. The first holds the
+    # place until all seven wait (its gate: however slow the machine is to queue them).
+    gate = f"busy-{since}"
+    threads = _post_all(gw.url, USER_KEY, [body("u") | {"fake_gate": gate}])
     wait_for(lambda: len(_arrivals(fake, since)) == 1, 10, "the first request")
     threads += _post_all(gw.url, USER_KEY, [body("u") for _ in range(4)])
     wait_for(lambda: _queued(gw.url, "interactive") == 4, 10, "four queued")
     threads += _post_all(gw.url, ADMIN_KEY, [body("a") for _ in range(3)])
     wait_for(lambda: _queued(gw.url, "interactive") == 7, 10, "seven queued")
+    with http(fake.url) as c:
+        c.post(f"/_open/{gate}").raise_for_status()
     for t in threads:
         t.join(30)
     arrivals = _arrivals(fake, since)
