@@ -141,6 +141,7 @@ RESULTS_FILES = (
     "molecule/stack/rerun.json",
     "molecule/stack/gap.json",
     "molecule/cluster/roll.json",
+    "molecule/cluster/mirror.json",
 )
 
 
