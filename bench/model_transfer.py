@@ -102,6 +102,15 @@ def _drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def _clean(inventory: str, mirror_host: str) -> None:
+    """Remove what the benchmark put on the gpu hosts and on the mirror."""
+    absent = {"state": "absent"}
+    gone = {"ansible.builtin.file": {"path": BENCH_DIR, **absent}}
+    _run(inventory, _play("gpu", "Empty the bench directory", gone))
+    gone = {"ansible.builtin.file": {"path": f"/srv/llmhost-models/{NAME}", **absent}}
+    _run(inventory, _play(mirror_host, "Empty the mirror's copy", gone))
+
+
 def _steps(source: str, model: Path, mirror: str) -> dict:
     dest = f"{BENCH_DIR}/{source}"
     if source == "copy":
@@ -147,22 +156,7 @@ def main() -> int:
     # rsync on the gpu hosts (the vllm role installs it for `sync` only), a clean slate, then
     # the mirror's intake (once per model).
     _run(args.inventory, _play("gpu", "Install rsync", {"ansible.builtin.apt": {"name": "rsync"}}))
-    _run(
-        args.inventory,
-        _play(
-            "gpu",
-            "Empty the bench directory",
-            {"ansible.builtin.file": {"path": BENCH_DIR, "state": "absent"}},
-        ),
-    )
-    _run(
-        args.inventory,
-        _play(
-            mirror_host,
-            "Empty the mirror's copy",
-            {"ansible.builtin.file": {"path": f"/srv/llmhost-models/{NAME}", "state": "absent"}},
-        ),
-    )
+    _clean(args.inventory, mirror_host)
     _drop_caches()
     intake_copy, _ = _run(
         args.inventory,
@@ -218,22 +212,7 @@ def main() -> int:
                 }
         results[source] = row
         print(source, row, flush=True)
-    _run(
-        args.inventory,
-        _play(
-            "gpu",
-            "Empty the bench directory",
-            {"ansible.builtin.file": {"path": BENCH_DIR, "state": "absent"}},
-        ),
-    )
-    _run(
-        args.inventory,
-        _play(
-            mirror_host,
-            "Empty the mirror's copy",
-            {"ansible.builtin.file": {"path": f"/srv/llmhost-models/{NAME}", "state": "absent"}},
-        ),
-    )
+    _clean(args.inventory, mirror_host)
 
     copy = results["copy"]
     for row in results.values():
